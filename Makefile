@@ -1,0 +1,46 @@
+# Everything installs into .venv/ at the repository root; no GPU and no Docker needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+REPO   := model_repository
+
+.PHONY: install serve demo test lint typecheck unit integration test-tools train-demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[server,client,dev]'
+	touch $(STAMP)
+
+# Serve the bundled demo model with the real tritonserver until Ctrl-C.
+serve: install
+	$(BIN)/gradtrust serve --model-repository $(REPO)
+
+# Start the server, classify a few real test digits through the client, stop the server.
+demo: install
+	$(BIN)/python -m gradtrust.demo.run --model-repository $(REPO)
+
+# System tools the tests need: promtool and a Prometheus server (Debian's prometheus package).
+test-tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing Debian's prometheus package (promtool + server) for the monitoring tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
+lint: install
+	$(BIN)/ruff check server client tests bench
+	$(BIN)/ruff format --check server client tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+test: install test-tools lint typecheck
+	$(BIN)/pytest -q
+
+# Re-train the demo classifier deterministically and re-export it (not needed to serve or test).
+train-demo: install
+	$(BIN)/python -m gradtrust.demo.train --repository $(REPO)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

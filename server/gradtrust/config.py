@@ -1,0 +1,150 @@
+"""Model-level settings (Triton config ``parameters``) and per-request options.
+
+Both come in as strings: Triton hands a model its config parameters as
+``{"key": {"string_value": "..."}}`` and a request's parameters as JSON. Parsing them
+here, apart from Triton, keeps the rules testable and the messages identical on HTTP
+and gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gradtrust.errors import ConfigError, InvalidInputError
+from gradtrust.scores import SCORE_NAMES
+
+#: The scores served in ``SCORES`` when a model's config does not choose (GradTrust has its own output).
+DEFAULT_SCORES: tuple[str, ...] = tuple(n for n in SCORE_NAMES if n != "gradtrust")
+HEATMAP_METHODS: tuple[str, ...] = ("gradcam", "counterfactual", "contrast", "voice")
+REQUEST_PARAMETERS: tuple[str, ...] = ("scores", "contrast_k", "heatmap_method", "contrast_class")
+
+
+def parse_score_names(text: str | Sequence[str], where: str) -> tuple[str, ...]:
+    """``"msp, margin"`` -> ``("msp", "margin")``; unknown or repeated names are errors."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names = tuple(str(n).strip() for n in items if str(n).strip())
+    unknown = [n for n in names if n not in SCORE_NAMES]
+    if unknown:
+        raise InvalidInputError(
+            f"unknown score name(s) {unknown} in {where}; valid names: {', '.join(SCORE_NAMES)}"
+        )
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"score names repeat in {where}: {list(names)}")
+    if not names:
+        raise InvalidInputError(f"{where} names no score; valid names: {', '.join(SCORE_NAMES)}")
+    return names
+
+
+def _int(value: Any, what: str, minimum: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise InvalidInputError(f"{what} must be an integer >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise InvalidInputError(f"{what} must be an integer >= {minimum}, got {number}")
+    return number
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What a model's config.pbtxt ``parameters`` decide for every request."""
+
+    labels: tuple[str, ...]
+    scores: tuple[str, ...] = DEFAULT_SCORES
+    contrast_k: int = 3
+    low_trust_threshold: float = 0.0
+    pixel_min: float | None = None
+    pixel_max: float | None = None
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str], labels: Sequence[str]) -> ModelSettings:
+        """Validate config parameters; raises :class:`ConfigError` naming the bad key."""
+        known = {"scores", "contrast_k", "low_trust_threshold", "pixel_range", "onnx_file"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ConfigError(f"unknown config parameter(s) {unknown}; known: {sorted(known)}")
+        try:
+            scores = parse_score_names(params.get("scores", ",".join(DEFAULT_SCORES)), "config parameter 'scores'")
+            k = _int(params.get("contrast_k", "3"), "config parameter 'contrast_k'", 1)
+            threshold = float(params.get("low_trust_threshold", "0"))
+            lo = hi = None
+            if params.get("pixel_range", "").strip():
+                lo, hi = (float(v) for v in params["pixel_range"].split(","))
+                if not lo < hi:
+                    raise ValueError("pixel_range needs min < max")
+        except (InvalidInputError, ValueError) as err:
+            raise ConfigError(f"invalid model config: {err}") from err
+        if len(labels) < 2:
+            raise ConfigError("labels file must list at least two classes, one per line")
+        return cls(tuple(labels), scores, k, threshold, lo, hi)
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What one request asks for, after validation against the model's settings."""
+
+    scores: tuple[str, ...] | None  # None: SCORES not requested
+    contrast_k: int
+    heatmap_method: str | None  # None: HEATMAP not requested
+    contrast_class: int | None
+
+
+def parse_request(
+    parameters: str | Mapping[str, Any] | None,
+    settings: ModelSettings,
+    want_scores: bool,
+    want_heatmap: bool,
+) -> RequestOptions:
+    """Read a request's parameters (JSON text or a mapping); raises :class:`InvalidInputError`."""
+    if isinstance(parameters, str):
+        try:
+            params = json.loads(parameters) if parameters.strip() else {}
+        except json.JSONDecodeError as err:
+            raise InvalidInputError(f"request parameters are not valid JSON: {err}") from None
+    else:
+        params = dict(parameters or {})
+    unknown = sorted(k for k in params if k not in REQUEST_PARAMETERS)
+    if unknown:
+        raise InvalidInputError(
+            f"unknown request parameter(s) {unknown}; known: {', '.join(REQUEST_PARAMETERS)}"
+        )
+    scores = None
+    if want_scores or "scores" in params:
+        scores = (
+            parse_score_names(params["scores"], "request parameter 'scores'")
+            if "scores" in params
+            else settings.scores
+        )
+    k = _int(params.get("contrast_k", settings.contrast_k), "request parameter 'contrast_k'", 1)
+    method = None
+    if want_heatmap or "heatmap_method" in params:
+        method = str(params.get("heatmap_method", "gradcam")).strip()
+        if method not in HEATMAP_METHODS:
+            raise InvalidInputError(
+                f"unknown heatmap_method {method!r}; valid methods: {', '.join(HEATMAP_METHODS)}"
+            )
+    contrast_class = None
+    if "contrast_class" in params:
+        contrast_class = class_index(params["contrast_class"], settings.labels)
+    return RequestOptions(scores, k, method, contrast_class)
+
+
+def class_index(value: Any, labels: Sequence[str]) -> int:
+    """A class given as an index or a label -> its index; out of range is an error."""
+    text = str(value).strip()
+    if text in labels and not text.lstrip("-").isdigit():
+        return labels.index(text)
+    try:
+        index = int(text)
+    except ValueError:
+        raise InvalidInputError(
+            f"contrast_class {value!r} is neither a class index (0..{len(labels) - 1}) nor a label"
+        ) from None
+    if not 0 <= index < len(labels):
+        raise InvalidInputError(
+            f"contrast_class {index} is out of range: the model has classes 0..{len(labels) - 1}"
+        )
+    return index

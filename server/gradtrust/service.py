@@ -1,0 +1,217 @@
+"""One batch of requests in, one answer (outputs or an error) per request out.
+
+This is the whole serving logic, free of Triton: the Python backend only converts tensors
+(:mod:`gradtrust.triton_model`). Requests that Triton's dynamic batcher put together are
+validated one by one, the valid ones go through the network in a single forward pass,
+the scores are computed for the whole batch at once (each per sample), and a bad request
+gets its own error without costing the others their answers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import numpy as np
+
+from gradtrust import heatmaps, scores
+from gradtrust.config import ModelSettings, RequestOptions
+from gradtrust.errors import ConfigError, InvalidInputError
+from gradtrust.runtime import ACTIVATION, FEATURES, LOGITS, OnnxClassifier
+
+# Output tensor names, as in config.pbtxt.
+LABEL = "LABEL"
+CLASS_ID = "CLASS_ID"
+CONFIDENCE = "CONFIDENCE"
+GRADTRUST = "GRADTRUST"
+SCORES = "SCORES"
+HEATMAP = "HEATMAP"
+HEATMAP_STATS = "HEATMAP_STATS"
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ScoringRequest:
+    images: np.ndarray
+    options: RequestOptions
+
+
+@dataclass
+class BatchResult:
+    """Per-request answers plus what the metrics need (valid samples only)."""
+
+    answers: list[Outputs | InvalidInputError]
+    gradtrust: np.ndarray = field(default_factory=lambda: np.empty(0))
+    confidence: np.ndarray = field(default_factory=lambda: np.empty(0))
+    trust_seconds: float = 0.0
+    heatmap_seconds: float | None = None
+
+
+class TrustService:
+    """Scores batches of images with a classifier that follows :mod:`gradtrust.runtime`'s convention."""
+
+    def __init__(self, classifier: OnnxClassifier, settings: ModelSettings) -> None:
+        if classifier.num_classes != len(settings.labels):
+            raise ConfigError(
+                f"the labels file lists {len(settings.labels)} classes but the model has "
+                f"{classifier.num_classes} logits: fix labels.txt (one label per line)"
+            )
+        if "gradnorm" in settings.scores and not classifier.has_features:
+            raise ConfigError(
+                "config parameter 'scores' includes gradnorm, which needs a 'features' output "
+                "the model does not have: remove it or re-export with `gradtrust prepare`"
+            )
+        self.classifier = classifier
+        self.settings = settings
+        self.head_weight = classifier.head_weight() if classifier.has_activation else None
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        """Reject what the forward pass must not see; Triton has already checked shape and dtype."""
+        expected = self.classifier.input_shape
+        if images.ndim != len(expected) + 1 or any(
+            isinstance(e, int) and e != s for e, s in zip(expected, images.shape[1:], strict=True)
+        ):
+            raise InvalidInputError(
+                f"IMAGE has shape {list(images.shape)}; expected [batch, {', '.join(map(str, expected))}]"
+            )
+        if images.shape[0] == 0:
+            raise InvalidInputError("IMAGE holds an empty batch: send at least one image")
+        bad = ~np.isfinite(images.reshape(images.shape[0], -1)).all(axis=1)
+        if bad.any():
+            raise InvalidInputError(
+                f"IMAGE has NaN or Inf pixels in sample(s) {np.flatnonzero(bad).tolist()}: "
+                "send finite pixel values"
+            )
+        lo, hi = self.settings.pixel_min, self.settings.pixel_max
+        if lo is not None and hi is not None:
+            out = ((images < lo) | (images > hi)).reshape(images.shape[0], -1).any(axis=1)
+            if out.any():
+                raise InvalidInputError(
+                    f"IMAGE pixels outside [{lo:g}, {hi:g}] in sample(s) {np.flatnonzero(out).tolist()}: "
+                    f"scale pixels to [{lo:g}, {hi:g}] (e.g. divide 8-bit values by 255)"
+                )
+        return images
+
+    def _check_options(self, options: RequestOptions) -> None:
+        if options.heatmap_method is not None and self.head_weight is None:
+            raise InvalidInputError(
+                "this model cannot produce a HEATMAP: its ONNX file has no 'activation' output "
+                "(the last conv activation before global average pooling); re-export it with "
+                "`gradtrust prepare`, or do not request HEATMAP"
+            )
+        if options.scores and "gradnorm" in options.scores and not self.classifier.has_features:
+            raise InvalidInputError("score gradnorm needs the model's 'features' output, which it lacks")
+
+    def run(self, requests: Sequence[ScoringRequest]) -> BatchResult:
+        answers: list[Outputs | InvalidInputError | None] = [None] * len(requests)
+        accepted: list[int] = []
+        for i, request in enumerate(requests):
+            try:
+                self.check_images(request.images)
+                self._check_options(request.options)
+                accepted.append(i)
+            except InvalidInputError as err:
+                answers[i] = err
+        result = BatchResult(answers=[])
+        if accepted:
+            self._score(requests, accepted, answers, result)
+        result.answers = [a if a is not None else InvalidInputError("not answered") for a in answers]
+        return result
+
+    def _score(
+        self,
+        requests: Sequence[ScoringRequest],
+        accepted: list[int],
+        answers: list[Outputs | InvalidInputError | None],
+        result: BatchResult,
+    ) -> None:
+        wanted = [LOGITS]
+        if self.classifier.has_features:
+            wanted.append(FEATURES)
+        if any(requests[i].options.heatmap_method for i in accepted):
+            wanted.append(ACTIVATION)
+        images = np.concatenate([requests[i].images for i in accepted], axis=0)
+        net = self.classifier.run(images, wanted)
+        logits = net[LOGITS].astype(np.float64)
+        features = net[FEATURES].astype(np.float64) if FEATURES in net else None
+
+        start = time.perf_counter()
+        finite = np.isfinite(logits).all(axis=1)
+        if features is not None:
+            finite &= np.isfinite(features).all(axis=1)
+        trust = np.full(len(logits), np.nan)
+        conf = np.full(len(logits), np.nan)
+        pred = np.zeros(len(logits), dtype=np.int64)
+        if finite.any():
+            ok = logits[finite]
+            trust[finite] = scores.gradtrust(ok)
+            conf[finite] = scores.msp(ok)
+            pred[finite] = scores.predicted_class(ok)
+        offsets = np.cumsum([0] + [len(requests[i].images) for i in accepted])
+        heatmap_seconds = 0.0
+        for n, i in enumerate(accepted):
+            rows = slice(int(offsets[n]), int(offsets[n + 1]))
+            options = requests[i].options
+            if not finite[rows].all():
+                bad = np.flatnonzero(~finite[rows]).tolist()
+                answers[i] = InvalidInputError(
+                    f"the model produced non-finite logits or features for sample(s) {bad}; "
+                    "check the input preprocessing"
+                )
+                continue
+            try:
+                outputs: Outputs = {
+                    LABEL: np.array(
+                        [[self.settings.labels[c].encode()] for c in pred[rows]], dtype=np.object_
+                    ),
+                    CLASS_ID: pred[rows].reshape(-1, 1),
+                    CONFIDENCE: conf[rows].astype(np.float32).reshape(-1, 1),
+                    GRADTRUST: trust[rows].astype(np.float32).reshape(-1, 1),
+                }
+                if options.scores:
+                    values = scores.compute_scores(
+                        logits[rows],
+                        options.scores,
+                        features=None if features is None else features[rows],
+                        contrast_k=options.contrast_k,
+                    )
+                    table = np.stack([values[name] for name in options.scores], axis=1)
+                    outputs[SCORES] = _to_float32(table)
+                if options.heatmap_method:
+                    t0 = time.perf_counter()
+                    maps, stats = heatmaps.explain(
+                        options.heatmap_method,
+                        net[ACTIVATION][rows].astype(np.float64),
+                        cast(np.ndarray, self.head_weight),  # not None: _check_options
+                        logits[rows],
+                        size=tuple(requests[i].images.shape[-2:]),
+                        contrast_class=options.contrast_class,
+                    )
+                    heatmap_seconds += time.perf_counter() - t0
+                    outputs[HEATMAP] = maps.astype(np.float32)
+                    if stats is not None:
+                        outputs[HEATMAP_STATS] = stats.astype(np.float32)
+                answers[i] = outputs
+            except InvalidInputError as err:
+                answers[i] = err
+        result.trust_seconds = time.perf_counter() - start - heatmap_seconds
+        result.heatmap_seconds = heatmap_seconds if ACTIVATION in wanted else None
+        ok_rows = np.zeros(len(logits), dtype=bool)
+        for n, i in enumerate(accepted):
+            if isinstance(answers[i], dict):
+                ok_rows[int(offsets[n]) : int(offsets[n + 1])] = True
+        result.gradtrust = trust[ok_rows]
+        result.confidence = conf[ok_rows]
+
+
+def _to_float32(values: np.ndarray) -> np.ndarray:
+    """Saturate at float32's range instead of overflowing to inf (contrast_trust can be huge)."""
+    big = np.finfo(np.float32).max
+    return np.clip(values, -big, big).astype(np.float32)

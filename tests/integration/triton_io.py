@@ -1,0 +1,41 @@
+"""Raw tritonclient calls over HTTP or gRPC, so tests exercise the server, not our client."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+PROTOCOLS = ("http", "grpc")
+CHEAP_OUTPUTS = ("LABEL", "CLASS_ID", "CONFIDENCE", "GRADTRUST")
+
+
+def client_for(server: Any, protocol: str) -> Any:
+    if protocol == "http":
+        return httpclient.InferenceServerClient(server.http_url, concurrency=4)
+    return grpcclient.InferenceServerClient(server.grpc_url)
+
+
+def infer(
+    server: Any,
+    protocol: str,
+    images: np.ndarray,
+    outputs: Sequence[str] = CHEAP_OUTPUTS,
+    parameters: Mapping[str, Any] | None = None,
+    model: str = "gradtrust_mnist",
+    datatype: str = "FP32",
+) -> dict[str, np.ndarray]:
+    """One inference request; raises tritonclient's InferenceServerException on error."""
+    lib = httpclient if protocol == "http" else grpcclient
+    client = client_for(server, protocol)
+    try:
+        tensor = lib.InferInput("IMAGE", list(images.shape), datatype)
+        tensor.set_data_from_numpy(images)
+        requested = [lib.InferRequestedOutput(name) for name in outputs]
+        result = client.infer(model, [tensor], outputs=requested, parameters=dict(parameters or {}))
+        return {name: result.as_numpy(name) for name in outputs}
+    finally:
+        client.close()
