@@ -16,7 +16,8 @@ from typing import Any
 from gradtrust.errors import ConfigError, InvalidInputError
 from gradtrust.scores import SCORE_NAMES
 
-#: The scores served in ``SCORES`` when a model's config does not choose (GradTrust has its own output).
+#: The scores served in ``SCORES`` when a model's config does not choose
+#: (GradTrust has its own output).
 DEFAULT_SCORES: tuple[str, ...] = tuple(n for n in SCORE_NAMES if n != "gradtrust")
 HEATMAP_METHODS: tuple[str, ...] = ("gradcam", "counterfactual", "contrast", "voice")
 REQUEST_PARAMETERS: tuple[str, ...] = ("scores", "contrast_k", "heatmap_method", "contrast_class")
@@ -67,7 +68,9 @@ class ModelSettings:
         if unknown:
             raise ConfigError(f"unknown config parameter(s) {unknown}; known: {sorted(known)}")
         try:
-            scores = parse_score_names(params.get("scores", ",".join(DEFAULT_SCORES)), "config parameter 'scores'")
+            scores = parse_score_names(
+                params.get("scores", ",".join(DEFAULT_SCORES)), "config parameter 'scores'"
+            )
             k = _int(params.get("contrast_k", "3"), "config parameter 'contrast_k'", 1)
             threshold = float(params.get("low_trust_threshold", "0"))
             lo = hi = None

@@ -27,7 +27,11 @@ LOGITS = "logits"
 FEATURES = "features"
 ACTIVATION = "activation"
 
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
 
 
 def providers_for(device: str, device_id: int = 0) -> list[str | tuple[str, dict[str, str]]]:
@@ -59,7 +63,9 @@ class OnnxClassifier:
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise ConfigError(f"model file {self.path} not found: run `make train-demo` or `gradtrust prepare`")
+            raise ConfigError(
+                f"model file {self.path} not found: run `make train-demo` or `gradtrust prepare`"
+            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -72,7 +78,8 @@ class OnnxClassifier:
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ConfigError(
-                f"{self.path} has {len(inputs)} inputs; a servable classifier has exactly one image input"
+                f"{self.path} has {len(inputs)} inputs; "
+                "a servable classifier has exactly one image input"
             )
         self.input_name: str = inputs[0].name
         self.input_dtype = _ORT_DTYPES.get(inputs[0].type, np.float32)
@@ -96,7 +103,9 @@ class OnnxClassifier:
 
     def run(self, images: np.ndarray, outputs: Sequence[str] = (LOGITS,)) -> dict[str, np.ndarray]:
         """Forward pass of one batch; returns the named outputs."""
-        result = self.session.run(list(outputs), {self.input_name: images.astype(self.input_dtype, copy=False)})
+        result = self.session.run(
+            list(outputs), {self.input_name: images.astype(self.input_dtype, copy=False)}
+        )
         return dict(zip(outputs, result, strict=True))
 
     def head_weight(self) -> np.ndarray:

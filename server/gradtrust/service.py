@@ -51,7 +51,7 @@ class BatchResult:
 
 
 class TrustService:
-    """Scores batches of images with a classifier that follows :mod:`gradtrust.runtime`'s convention."""
+    """Scores batches of images with a classifier in :mod:`gradtrust.runtime`'s convention."""
 
     def __init__(self, classifier: OnnxClassifier, settings: ModelSettings) -> None:
         if classifier.num_classes != len(settings.labels):
@@ -79,7 +79,8 @@ class TrustService:
             isinstance(e, int) and e != s for e, s in zip(expected, images.shape[1:], strict=True)
         ):
             raise InvalidInputError(
-                f"IMAGE has shape {list(images.shape)}; expected [batch, {', '.join(map(str, expected))}]"
+                f"IMAGE has shape {list(images.shape)}; "
+                f"expected [batch, {', '.join(map(str, expected))}]"
             )
         if images.shape[0] == 0:
             raise InvalidInputError("IMAGE holds an empty batch: send at least one image")
@@ -94,7 +95,8 @@ class TrustService:
             out = ((images < lo) | (images > hi)).reshape(images.shape[0], -1).any(axis=1)
             if out.any():
                 raise InvalidInputError(
-                    f"IMAGE pixels outside [{lo:g}, {hi:g}] in sample(s) {np.flatnonzero(out).tolist()}: "
+                    f"IMAGE pixels outside [{lo:g}, {hi:g}] in sample(s) "
+                    f"{np.flatnonzero(out).tolist()}: "
                     f"scale pixels to [{lo:g}, {hi:g}] (e.g. divide 8-bit values by 255)"
                 )
         return images
@@ -107,7 +109,9 @@ class TrustService:
                 "`gradtrust prepare`, or do not request HEATMAP"
             )
         if options.scores and "gradnorm" in options.scores and not self.classifier.has_features:
-            raise InvalidInputError("score gradnorm needs the model's 'features' output, which it lacks")
+            raise InvalidInputError(
+                "score gradnorm needs the model's 'features' output, which it lacks"
+            )
 
     def run(self, requests: Sequence[ScoringRequest]) -> BatchResult:
         answers: list[Outputs | InvalidInputError | None] = [None] * len(requests)
@@ -122,7 +126,9 @@ class TrustService:
         result = BatchResult(answers=[])
         if accepted:
             self._score(requests, accepted, answers, result)
-        result.answers = [a if a is not None else InvalidInputError("not answered") for a in answers]
+        result.answers = [
+            a if a is not None else InvalidInputError("not answered") for a in answers
+        ]
         return result
 
     def _score(
@@ -191,7 +197,7 @@ class TrustService:
                         net[ACTIVATION][rows].astype(np.float64),
                         cast(np.ndarray, self.head_weight),  # not None: _check_options
                         logits[rows],
-                        size=tuple(requests[i].images.shape[-2:]),
+                        size=(requests[i].images.shape[-2], requests[i].images.shape[-1]),
                         contrast_class=options.contrast_class,
                     )
                     heatmap_seconds += time.perf_counter() - t0

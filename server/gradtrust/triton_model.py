@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from gradtrust.config import ModelSettings, parse_request
 from gradtrust.errors import GradTrustError, InvalidInputError
+from gradtrust.metrics import TrustMetrics
 from gradtrust.runtime import OnnxClassifier
 from gradtrust.service import HEATMAP, HEATMAP_STATS, SCORES, ScoringRequest, TrustService
 
@@ -59,19 +60,13 @@ class TritonPythonModel:
         self.output_dtypes = {
             o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]
         }
-        self.metrics = None
-        try:
-            from gradtrust.metrics import TrustMetrics
-        except ImportError:  # metrics are optional until the monitoring module is installed
-            TrustMetrics = None  # noqa: N806
-        if TrustMetrics is not None:
-            self.metrics = TrustMetrics(
-                pb_utils,
-                model=self.model_name,
-                version=self.model_version,
-                num_classes=classifier.num_classes,
-                low_trust_threshold=settings.low_trust_threshold,
-            )
+        self.metrics: TrustMetrics | None = TrustMetrics(
+            pb_utils,
+            model=self.model_name,
+            version=self.model_version,
+            num_classes=classifier.num_classes,
+            low_trust_threshold=settings.low_trust_threshold,
+        )
         pb_utils.Logger.log_info(
             f"{self.model_name} v{self.model_version}: {classifier.num_classes} classes, "
             f"providers {classifier.providers}, heatmaps "
@@ -105,8 +100,8 @@ class TritonPythonModel:
         good = [i for i, p in enumerate(parsed) if p is not None]
         batch = self.service.run([p for p in parsed if p is not None])
         answers: list[Any] = [None] * len(requests)
-        for i, err in errors.items():
-            answers[i] = err
+        for i, error in errors.items():
+            answers[i] = error
         for i, answer in zip(good, batch.answers, strict=True):
             answers[i] = answer
         if self.metrics is not None:

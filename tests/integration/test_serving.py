@@ -92,7 +92,10 @@ def _statistics(server) -> dict:
 def test_server_batches_concurrent_requests_and_answers_each_for_its_own_input(
     triton_server, reference, protocol
 ):
-    before = {b["batch_size"]: b["compute_infer"]["count"] for b in _statistics(triton_server)["batch_stats"]}
+    before = {
+        b["batch_size"]: b["compute_infer"]["count"]
+        for b in _statistics(triton_server)["batch_stats"]
+    }
     images = reference["images"]
 
     def one(i: int) -> tuple[int, dict[str, np.ndarray]]:
@@ -103,7 +106,10 @@ def test_server_batches_concurrent_requests_and_answers_each_for_its_own_input(
     for i, out in results:
         assert out["CLASS_ID"][0, 0] == reference["CLASS_ID"][i]
         np.testing.assert_allclose(out["GRADTRUST"][0, 0], reference["GRADTRUST"][i], rtol=1e-5)
-    after = {b["batch_size"]: b["compute_infer"]["count"] for b in _statistics(triton_server)["batch_stats"]}
+    after = {
+        b["batch_size"]: b["compute_infer"]["count"]
+        for b in _statistics(triton_server)["batch_stats"]
+    }
     batched = sum(after[s] - before.get(s, 0) for s in after if s > 1)
     assert batched > 0, f"no execution with batch size > 1: {after}"
 
@@ -114,7 +120,12 @@ def _good_request_succeeds(server, protocol, images) -> None:
 
 
 BAD_REQUESTS = {
-    "wrong shape": (np.zeros((2, 28, 28), np.float32), "FP32", {}, "unexpected shape for input 'IMAGE'"),
+    "wrong shape": (
+        np.zeros((2, 28, 28), np.float32),
+        "FP32",
+        {},
+        "unexpected shape for input 'IMAGE'",
+    ),
     "wrong dtype": (np.zeros((2, 1, 28, 28), np.float64), "FP64", {}, "expects 'FP32'"),
     "empty batch": (
         np.zeros((0, 1, 28, 28), np.float32),
@@ -122,14 +133,24 @@ BAD_REQUESTS = {
         {},
         "input byte size mismatch for input 'IMAGE'",
     ),
-    "batch over maximum": (np.zeros((65, 1, 28, 28), np.float32), "FP32", {}, "batch-size must be <= 64"),
+    "batch over maximum": (
+        np.zeros((65, 1, 28, 28), np.float32),
+        "FP32",
+        {},
+        "batch-size must be <= 64",
+    ),
     "unknown score name": (
         np.zeros((2, 1, 28, 28), np.float32),
         "FP32",
         {"scores": "msp,trustiness"},
         "unknown score name(s) ['trustiness']",
     ),
-    "bad contrast_k": (np.zeros((1, 1, 28, 28), np.float32), "FP32", {"contrast_k": 0}, "contrast_k"),
+    "bad contrast_k": (
+        np.zeros((1, 1, 28, 28), np.float32),
+        "FP32",
+        {"contrast_k": 0},
+        "contrast_k",
+    ),
     "pixels out of range": (
         np.full((1, 1, 28, 28), 255.0, np.float32),
         "FP32",

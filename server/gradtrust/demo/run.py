@@ -39,14 +39,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         with TrustClient(server.grpc_url, protocol="grpc", model=args.model) as client:
             images = load_images(paths, shape=client.model_info().input_shape)
             predictions = client.predict(images, scores=["contrast_trust", "msp", "margin"])
-        print(f"\n{'file':<28} {'true':>4} {'label':>5} {'confidence':>10} {'gradtrust':>9} "
-              f"{'contrast':>9}")
+        print(
+            f"\n{'file':<28} {'true':>4} {'label':>5} {'confidence':>10} {'gradtrust':>9} "
+            f"{'contrast':>9}"
+        )
         for path, pred in zip(paths, predictions, strict=True):
             truth = path.stem.rsplit("_", 1)[-1]
             contrast = pred.scores["contrast_trust"] if pred.scores else float("nan")
-            print(f"{path.name:<28} {truth:>4} {pred.label:>5} {pred.confidence:>10.4f} "
-                  f"{pred.gradtrust:>9.3f} {contrast:>9.3g}")
-        print(f"\nserved by tritonserver at {server.grpc_url} (gRPC); metrics at {server.metrics_url}")
+            print(
+                f"{path.name:<28} {truth:>4} {pred.label:>5} {pred.confidence:>10.4f} "
+                f"{pred.gradtrust:>9.3f} {contrast:>9.3g}"
+            )
+        print(
+            f"\nserved by tritonserver at {server.grpc_url} (gRPC); metrics at {server.metrics_url}"
+        )
     finally:
         server.stop()
         print("server stopped", flush=True)
