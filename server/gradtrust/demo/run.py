@@ -25,7 +25,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from gradtrust_client import TrustClient
-    from gradtrust_client.images import load_images
 
     paths = sorted(args.digits.glob("*.png"))
     if not paths:
@@ -37,8 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = start_server(args.model_repository, ports=ports, log_path=log, exit_timeout_s=5)
     try:
         with TrustClient(server.grpc_url, protocol="grpc", model=args.model) as client:
-            images = load_images(paths, shape=client.model_info().input_shape)
-            predictions = client.predict(images, scores=["contrast_trust", "msp", "margin"])
+            predictions = client.predict(paths, scores=["contrast_trust"])
         print(
             f"\n{'file':<28} {'true':>4} {'label':>5} {'confidence':>10} {'gradtrust':>9} "
             f"{'contrast':>9}"
