@@ -22,11 +22,12 @@ serve: install
 demo: install
 	$(BIN)/python -m gradtrust.demo.run --model-repository $(REPO)
 
-# System tools the tests need: promtool and a Prometheus server (Debian's prometheus package).
+# System tools the tests need: promtool, a Prometheus server and amtool (Debian's packages).
 test-tools:
-	@command -v promtool >/dev/null 2>&1 || { \
-	  echo "installing Debian's prometheus package (promtool + server) for the monitoring tests"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@{ command -v promtool && command -v prometheus && command -v amtool; } >/dev/null 2>&1 || { \
+	  echo "installing Debian's prometheus and prometheus-alertmanager for the monitoring tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    prometheus prometheus-alertmanager >/dev/null; }
 
 lint: install
 	$(BIN)/ruff check server client tests bench

@@ -1,0 +1,388 @@
+"""A real Prometheus scraping the real tritonserver: the gradtrust metrics arrive with the
+right counts, and every PromQL expression of the rules, the dashboard and the autoscaler
+parses and returns data.
+
+Prometheus is Debian's binary (`make test-tools`), started on a free loopback port with the
+project's rule files and a 1-second scrape and evaluation interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from tritonclient.utils import InferenceServerException
+
+from gradtrust.metrics import (
+    CONFIDENCE_BUCKETS,
+    NORMALIZED_TRUST_BUCKETS,
+    normalize_trust,
+    trust_buckets,
+)
+from gradtrust.serve import free_port
+from tests.integration.triton_io import infer
+from tests.test_deploy import (
+    K8S,
+    RULE_FILES,
+    TRITON_JOB,
+    _dashboard_exprs,
+    _rules,
+    adapter_to_promql,
+    grafana_to_promql,
+)
+
+pytestmark = pytest.mark.integration
+
+SCRAPE_WAIT_S = 30.0
+
+
+# --- a Prometheus server for the session's Triton ------------------------------------------
+
+
+@dataclass
+class Prometheus:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def api(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as resp:
+            body = json.load(resp)
+        if body.get("status") != "success":
+            raise AssertionError(f"Prometheus answered {body} for {path} {params}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """Instant query; raises (with Prometheus' message) when the expression does not parse."""
+        try:
+            data = self.api("query", query=expr)
+        except urllib.error.HTTPError as err:
+            raise AssertionError(f"{expr!r}: {err.read().decode()}") from err
+        return data["result"]
+
+    def log_tail(self) -> str:
+        return self.log.read_text()[-3000:] if self.log.exists() else ""
+
+
+def _wait_for(what: str, check: Callable[[], Any], timeout_s: float = SCRAPE_WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; last: {last}")
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    triton_server: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("the prometheus server is not installed; run `make test-tools`")
+    work = tmp_path_factory.mktemp("prometheus")
+    target = urllib.parse.urlsplit(triton_server.metrics_url)
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(p) for p in RULE_FILES],
+        "scrape_configs": [
+            {
+                "job_name": TRITON_JOB,
+                "metrics_path": target.path,
+                "static_configs": [{"targets": [target.netloc]}],
+            }
+        ],
+    }
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = work / "prometheus.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={work / 'prometheus.yml'}",
+                f"--storage.tsdb.path={work / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = Prometheus(f"http://127.0.0.1:{port}", process, log)
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"prometheus exited: {server.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as resp:
+                    return resp.status == 200
+            except OSError:
+                return False
+
+        _wait_for("prometheus to become ready", ready)
+        _wait_for(
+            "the first scrape of Triton", lambda: server.query(f'up{{job="{TRITON_JOB}"}} == 1')
+        )
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --- what the server exports right now, read directly from its metrics port -----------------
+
+Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, labels other than model/version)
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_EXPORTED = re.compile(r"gradtrust_.+|nv_inference_.+")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def _key(name: str, labels: dict[str, str]) -> Key:
+    return name, tuple(sorted((k, v) for k, v in labels.items() if k not in ("model", "version")))
+
+
+def _scrape(metrics_url: str, model: str) -> dict[Key, float]:
+    """The model's samples straight from Triton's endpoint (text exposition format)."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+        text = resp.read().decode()
+    values: dict[Key, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None or line.startswith("#"):
+            continue
+        labels = dict(_LABEL.findall(match.group(2) or ""))
+        if labels.get("model") == model and _EXPORTED.fullmatch(match.group(1)):
+            values[_key(match.group(1), labels)] = float(match.group(3))
+    return values
+
+
+def _prometheus_values(prom: Prometheus, model: str) -> dict[Key, float]:
+    """The same samples as Prometheus stored them (its own job/instance labels dropped)."""
+    result = prom.query(f'{{__name__=~"{_EXPORTED.pattern}",model="{model}"}}')
+    values: dict[Key, float] = {}
+    for r in result:
+        labels = {k: v for k, v in r["metric"].items() if k not in ("job", "instance")}
+        values[_key(labels.pop("__name__"), labels)] = float(r["value"][1])
+    return values
+
+
+def _le(label: str) -> float:
+    return math.inf if label == "+Inf" else float(label)
+
+
+@dataclass
+class Traffic:
+    """What the test sent, what the server answered, and Prometheus' counters around it."""
+
+    threshold: float
+    before: dict[Key, float]
+    after: dict[Key, float] = field(default_factory=dict)
+    gradtrust: list[float] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)
+    requests_ok: int = 0
+    requests_invalid: int = 0
+    heatmap_requests: int = 0
+
+    def delta(self, name: str, **labels: str) -> float:
+        """Change of a sample, summed over its other labels (e.g. Triton's failure reason)."""
+
+        def total(values: dict[Key, float]) -> float:
+            want = set(labels.items())
+            return sum(v for (n, extra), v in values.items() if n == name and want <= set(extra))
+
+        return total(self.after) - total(self.before)
+
+    def le_labels(self, name: str) -> dict[float, str]:
+        return {_le(dict(extra)["le"]): dict(extra)["le"] for (n, extra) in self.after if n == name}
+
+    def edges(self, name: str) -> list[float]:
+        return sorted(self.le_labels(name))
+
+
+def _low_trust_threshold(server: Any) -> float:
+    url = f"http://{server.http_url}/v2/models/{server.model_name}/config"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        config = json.load(resp)
+    return float(config["parameters"]["low_trust_threshold"]["string_value"])
+
+
+def _inputs(digits: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+    """Real digits, and inputs a digit classifier should not trust: uniform noise, sparse
+    dots, and overlays of two or three different digits; in batches of several sizes."""
+    images = digits[0]
+    rng = np.random.default_rng(20261129)
+    n = len(images)
+    a, b, c = (rng.integers(0, n, 128) for _ in range(3))
+    noise = rng.random((16, *images.shape[1:]), dtype=np.float32)
+    dots = (rng.random((16, *images.shape[1:])) < 0.15).astype(np.float32)
+    overlays2 = np.clip(images[a[:64]] + images[b[:64]], 0.0, 1.0)
+    overlays3 = np.clip(images[a[64:]] + images[b[64:]] + images[c[64:]], 0.0, 1.0)
+    return [images[:1], images[1:33], noise, dots, overlays2, overlays3, images[33:40]]
+
+
+@pytest.fixture(scope="module")
+def traffic(triton_server: Any, prometheus: Prometheus, digits: Any) -> Traffic:
+    """Sends the traffic once, sequentially (so every request runs as its own batch)."""
+    model = triton_server.model_name
+    current = _scrape(triton_server.metrics_url, model)
+    # Prometheus' view must have caught up with the server before the traffic starts.
+    before = _wait_for(
+        "Prometheus to hold the server's current counters",
+        lambda: (v := _prometheus_values(prometheus, model)) == current and v,
+    )
+    sent = Traffic(_low_trust_threshold(triton_server), before)
+    cheap = ("GRADTRUST", "CONFIDENCE")
+    for batch in _inputs(digits):
+        out = infer(triton_server, "http", batch, outputs=cheap)
+        sent.gradtrust += out["GRADTRUST"][:, 0].astype(float).tolist()
+        sent.confidence += out["CONFIDENCE"][:, 0].astype(float).tolist()
+        sent.requests_ok += 1
+    out = infer(triton_server, "grpc", digits[0][40:44], outputs=(*cheap, "HEATMAP"))
+    sent.gradtrust += out["GRADTRUST"][:, 0].astype(float).tolist()
+    sent.confidence += out["CONFIDENCE"][:, 0].astype(float).tolist()
+    sent.requests_ok += 1
+    sent.heatmap_requests += 1
+    with pytest.raises(InferenceServerException, match="outside"):
+        infer(triton_server, "http", np.full((1, 1, 28, 28), 2.0, np.float32))
+    sent.requests_invalid += 1
+    final = _scrape(triton_server.metrics_url, model)
+    sent.after = _wait_for(
+        "Prometheus to scrape the counters after the traffic",
+        lambda: (v := _prometheus_values(prometheus, model)) == final and v,
+    )
+    return sent
+
+
+# --- the counts ---------------------------------------------------------------------------
+
+
+def test_prometheus_counts_every_prediction_and_low_trust_one_when_traffic_is_scraped(traffic):
+    g = np.array(traffic.gradtrust)
+    low = int(np.count_nonzero(g < traffic.threshold))
+    assert low >= 1, (
+        f"none of {g.size} predictions (noise, dots, digit overlays) had GradTrust below the "
+        f"model's low_trust_threshold {traffic.threshold}; lowest was {g.min():.3f}"
+    )
+    assert traffic.delta("gradtrust_predictions_total") == g.size
+    assert traffic.delta("gradtrust_low_trust_predictions_total") == low
+    assert traffic.delta("gradtrust_invalid_requests_total") == traffic.requests_invalid
+    # Triton itself counts the Python backend's error responses as successful requests (2.51),
+    # which is why the model counts invalid requests on its own.
+    requests = traffic.requests_ok + traffic.requests_invalid
+    answered = traffic.delta("nv_inference_request_success")
+    assert answered + traffic.delta("nv_inference_request_failure") == requests
+    assert answered >= traffic.requests_ok
+    # Triton counts the invalid request's image as an inference too.
+    assert traffic.delta("nv_inference_count") == g.size + traffic.requests_invalid
+
+
+def test_prometheus_counts_one_timing_per_batch_when_traffic_is_scraped(traffic):
+    # Requests were sent one after another, so each ran as its own batch.
+    assert traffic.delta("gradtrust_trust_compute_seconds_count") == traffic.requests_ok
+    assert traffic.delta("gradtrust_heatmap_compute_seconds_count") == traffic.heatmap_requests
+    assert traffic.delta("gradtrust_trust_compute_seconds_sum") > 0
+    assert traffic.delta("gradtrust_heatmap_compute_seconds_sum") > 0
+
+
+def _assert_buckets(traffic: Traffic, name: str, values: np.ndarray) -> None:
+    """Bucket deltas equal the served values' cumulative counts. The server observed float64
+    scores and served them as float32, so a value within rounding of an edge counts either way."""
+    for le, label in traffic.le_labels(name).items():
+        got = traffic.delta(name, le=label)
+        near = np.isclose(values, le, rtol=1e-5, atol=1e-7)
+        lower = np.count_nonzero((values <= le) & ~near)
+        upper = np.count_nonzero((values <= le) | near)
+        assert lower <= got <= upper, f"{name} le={label}: {got} not in [{lower}, {upper}]"
+
+
+def test_prometheus_histograms_match_served_scores_when_traffic_is_scraped(traffic):
+    g = np.array(traffic.gradtrust)
+    raw_edges = [e for e in traffic.edges("gradtrust_trust_bucket") if math.isfinite(e)]
+    num_classes = int(raw_edges[-1])  # the last finite edge is the class count
+    assert raw_edges == list(trust_buckets(num_classes, threshold=traffic.threshold))
+    assert traffic.edges("gradtrust_trust_normalized_bucket")[:-1] == list(NORMALIZED_TRUST_BUCKETS)
+    assert traffic.edges("gradtrust_confidence_bucket")[:-1] == list(CONFIDENCE_BUCKETS)
+    _assert_buckets(traffic, "gradtrust_trust_bucket", g)
+    _assert_buckets(traffic, "gradtrust_trust_normalized_bucket", normalize_trust(g, num_classes))
+    _assert_buckets(traffic, "gradtrust_confidence_bucket", np.array(traffic.confidence))
+    for name in ("gradtrust_trust", "gradtrust_trust_normalized", "gradtrust_confidence"):
+        assert traffic.delta(f"{name}_count") == g.size
+    assert math.isclose(traffic.delta("gradtrust_trust_sum"), float(g.sum()), rel_tol=1e-5)
+    assert math.isclose(
+        traffic.delta("gradtrust_confidence_sum"), float(sum(traffic.confidence)), rel_tol=1e-5
+    )
+
+
+# --- every query of the rules, the dashboard and the autoscaler ----------------------------
+
+
+def _measured(expr: str) -> str:
+    """An alert's expression without its threshold comparisons: what it measures."""
+    return re.sub(r"\s*(==|!=|>=|<=|>|<)\s*-?\d+(\.\d+)?(e-?\d+)?", "", expr)
+
+
+def test_every_rule_parses_and_evaluates_without_error_when_prometheus_runs_it(traffic, prometheus):
+    def all_evaluated() -> list[dict[str, Any]] | None:
+        groups = prometheus.api("rules")["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        return (
+            rules
+            if rules and all(r.get("lastEvaluation", "0001").startswith("20") for r in rules)
+            else None
+        )
+
+    rules = _wait_for("every rule to be evaluated", all_evaluated)
+    assert {r["name"] for r in rules} == {r.get("alert", r.get("record")) for r in _rules()}
+    for rule in rules:
+        assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+
+
+def test_every_rule_expression_returns_data_when_run_against_live_metrics(traffic, prometheus):
+    for rule in _rules():
+        expr = rule["expr"]
+        prometheus.query(expr)  # parses
+        measured = expr if "record" in rule else _measured(expr)
+        _wait_for(f"data from {measured!r}", lambda e=measured: prometheus.query(e), timeout_s=15)
+
+
+def test_every_dashboard_query_returns_data_when_variables_name_the_served_model(
+    traffic, prometheus, triton_server
+):
+    values = prometheus.api("label/model/values", **{"match[]": "gradtrust_predictions_total"})
+    assert triton_server.model_name in values  # what the $model variable offers
+    for expr in _dashboard_exprs():
+        query = grafana_to_promql(expr, model=triton_server.model_name, version="1")
+        _wait_for(f"data from {query!r}", lambda q=query: prometheus.query(q), timeout_s=15)
+
+
+def test_autoscaler_queries_return_data_when_run_against_live_metrics(
+    traffic, prometheus, triton_server
+):
+    adapter = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
+    for rule in adapter["rules"]["custom"]:
+        series = prometheus.query(rule["seriesQuery"].replace('namespace!="",pod!=""', ""))
+        assert series, rule["seriesQuery"]
+        query = adapter_to_promql(rule["metricsQuery"], f'model="{triton_server.model_name}"')
+        result = prometheus.query(query)
+        assert result and all(math.isfinite(float(r["value"][1])) for r in result), query
