@@ -13,7 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gradtrust.bls import PARAMETER_KEYS as BLS_PARAMETERS
 from gradtrust.errors import ConfigError, InvalidInputError
+from gradtrust.preprocess import PARAMETER_KEYS as IMAGE_PARAMETERS
 from gradtrust.scores import SCORE_NAMES
 
 #: The scores served in ``SCORES`` when a model's config does not choose
@@ -64,6 +66,7 @@ class ModelSettings:
     def from_parameters(cls, params: Mapping[str, str], labels: Sequence[str]) -> ModelSettings:
         """Validate config parameters; raises :class:`ConfigError` naming the bad key."""
         known = {"scores", "contrast_k", "low_trust_threshold", "pixel_range", "onnx_file"}
+        known |= {*IMAGE_PARAMETERS, *BLS_PARAMETERS}  # read by gradtrust.preprocess, .bls
         unknown = sorted(set(params) - known)
         if unknown:
             raise ConfigError(f"unknown config parameter(s) {unknown}; known: {sorted(known)}")

@@ -17,8 +17,10 @@ from typing import cast
 import numpy as np
 
 from gradtrust import heatmaps, scores
+from gradtrust.bls import BlsClassifier
 from gradtrust.config import ModelSettings, RequestOptions
 from gradtrust.errors import ConfigError, InvalidInputError
+from gradtrust.preprocess import spatial_size
 from gradtrust.runtime import ACTIVATION, FEATURES, LOGITS, OnnxClassifier
 
 # Output tensor names, as in config.pbtxt.
@@ -53,7 +55,12 @@ class BatchResult:
 class TrustService:
     """Scores batches of images with a classifier in :mod:`gradtrust.runtime`'s convention."""
 
-    def __init__(self, classifier: OnnxClassifier, settings: ModelSettings) -> None:
+    def __init__(
+        self,
+        classifier: OnnxClassifier | BlsClassifier,
+        settings: ModelSettings,
+        layout: str = "NCHW",
+    ) -> None:
         if classifier.num_classes != len(settings.labels):
             raise ConfigError(
                 f"the labels file lists {len(settings.labels)} classes but the model has "
@@ -66,6 +73,7 @@ class TrustService:
             )
         self.classifier = classifier
         self.settings = settings
+        self.layout = layout  # NCHW or NHWC: where the heatmap size is in IMAGE
         self.head_weight = classifier.head_weight() if classifier.has_activation else None
 
     @property
@@ -197,7 +205,7 @@ class TrustService:
                         net[ACTIVATION][rows].astype(np.float64),
                         cast(np.ndarray, self.head_weight),  # not None: _check_options
                         logits[rows],
-                        size=(requests[i].images.shape[-2], requests[i].images.shape[-1]),
+                        size=spatial_size(requests[i].images.shape, self.layout),
                         contrast_class=options.contrast_class,
                     )
                     heatmap_seconds += time.perf_counter() - t0

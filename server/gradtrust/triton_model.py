@@ -14,13 +14,16 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from gradtrust.bls import BlsClassifier, WrapSpec, image_input, triton_infer
 from gradtrust.config import ModelSettings, parse_request
 from gradtrust.errors import GradTrustError, InvalidInputError
 from gradtrust.metrics import TrustMetrics
+from gradtrust.preprocess import PreprocessSpec, decode_batch
 from gradtrust.runtime import OnnxClassifier
 from gradtrust.service import HEATMAP, HEATMAP_STATS, SCORES, ScoringRequest, TrustService
 
 IMAGE = "IMAGE"
+IMAGE_BYTES = "IMAGE_BYTES"
 
 
 def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
@@ -49,11 +52,21 @@ class TritonPythonModel:
         onnx_path = model_dir / self.model_version / params.get("onnx_file", "model.onnx")
         device = "gpu" if args.get("model_instance_kind") == "GPU" else "cpu"
         try:
-            settings = ModelSettings.from_parameters(params, _read_labels(model_dir))
-            classifier = OnnxClassifier(
-                onnx_path, device=device, device_id=int(args.get("model_instance_device_id", 0))
+            labels = _read_labels(model_dir)
+            settings = ModelSettings.from_parameters(params, labels)
+            wrap = WrapSpec.from_parameters(params)
+            classifier: OnnxClassifier | BlsClassifier
+            if wrap is None:
+                classifier = OnnxClassifier(
+                    onnx_path, device=device, device_id=int(args.get("model_instance_device_id", 0))
+                )
+            else:  # a classifier deployed in this server, called through BLS
+                dims, dtype = image_input(config)
+                classifier = BlsClassifier(wrap, triton_infer(pb_utils), dims, dtype, len(labels))
+            self.spec = PreprocessSpec.from_parameters(
+                params, classifier.input_shape, np.dtype(classifier.input_dtype).name
             )
-            self.service = TrustService(classifier, settings)
+            self.service = TrustService(classifier, settings, layout=self.spec.layout)
         except GradTrustError as err:
             raise pb_utils.TritonModelException(f"{self.model_name}: {err}") from err
         self.output_names = [o["name"] for o in config["output"]]
@@ -84,8 +97,13 @@ class TritonPythonModel:
             want_heatmap=named and bool(requested & {HEATMAP, HEATMAP_STATS}),
         )
         tensor = pb_utils.get_input_tensor_by_name(request, IMAGE)
+        encoded = pb_utils.get_input_tensor_by_name(request, IMAGE_BYTES)
+        if tensor is not None and encoded is not None:
+            raise InvalidInputError(f"send either {IMAGE} or {IMAGE_BYTES}, not both")
+        if encoded is not None:
+            return ScoringRequest(decode_batch(encoded.as_numpy(), self.spec), options)
         if tensor is None:
-            raise InvalidInputError(f"the request has no input named {IMAGE}")
+            raise InvalidInputError(f"the request has no input named {IMAGE} or {IMAGE_BYTES}")
         return ScoringRequest(tensor.as_numpy(), options)
 
     def execute(self, requests: list[Any]) -> list[Any]:
