@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 REPO   := model_repository
 
-.PHONY: install serve demo test lint typecheck unit integration test-tools train-demo clean
+.PHONY: install serve demo test lint typecheck test-tools train-demo evaluate calibrate clean
 
 install: $(STAMP)
 
@@ -42,6 +42,15 @@ test: install test-tools lint typecheck
 # Re-train the demo classifier deterministically and re-export it (not needed to serve or test).
 train-demo: install
 	$(BIN)/python -m gradtrust.demo.train --repository $(REPO)
+
+# Misprediction, calibration, corruption and OOD evaluation of every score on the demo
+# model; rewrites docs/EVALUATION.md's generated section and docs/img/evaluation/.
+evaluate: install
+	$(BIN)/gradtrust evaluate --out docs/img/evaluation --docs docs/EVALUATION.md
+
+# Fit TRUST_PROB and the low-trust threshold (flag 5% of traffic) into the demo entry.
+calibrate: install
+	$(BIN)/gradtrust calibrate --target flag-rate=0.05
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import FrameType
 
 from gradtrust.errors import GradTrustError
+from gradtrust.evaluation.cli import register as register_evaluation
 from gradtrust.prepare.cli import register as register_prepare
 from gradtrust.serve import Ports, start_server
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
     serve.set_defaults(func=_serve)
     register_prepare(sub)
+    register_evaluation(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ from gradtrust import heatmaps, scores
 from gradtrust.bls import BlsClassifier
 from gradtrust.config import ModelSettings, RequestOptions
 from gradtrust.errors import ConfigError, InvalidInputError
+from gradtrust.evaluation.calibration import TrustCalibration
 from gradtrust.preprocess import spatial_size
 from gradtrust.runtime import ACTIVATION, FEATURES, LOGITS, OnnxClassifier
 
@@ -31,6 +32,7 @@ GRADTRUST = "GRADTRUST"
 SCORES = "SCORES"
 HEATMAP = "HEATMAP"
 HEATMAP_STATS = "HEATMAP_STATS"
+TRUST_PROB = "TRUST_PROB"
 
 Outputs = dict[str, np.ndarray]
 
@@ -60,6 +62,7 @@ class TrustService:
         classifier: OnnxClassifier | BlsClassifier,
         settings: ModelSettings,
         layout: str = "NCHW",
+        calibration: TrustCalibration | None = None,
     ) -> None:
         if classifier.num_classes != len(settings.labels):
             raise ConfigError(
@@ -74,6 +77,7 @@ class TrustService:
         self.classifier = classifier
         self.settings = settings
         self.layout = layout  # NCHW or NHWC: where the heatmap size is in IMAGE
+        self.calibration = calibration  # GradTrust -> P(correct), from `gradtrust calibrate`
         self.head_weight = classifier.head_weight() if classifier.has_activation else None
 
     @property
@@ -189,6 +193,9 @@ class TrustService:
                     CONFIDENCE: conf[rows].astype(np.float32).reshape(-1, 1),
                     GRADTRUST: trust[rows].astype(np.float32).reshape(-1, 1),
                 }
+                if self.calibration is not None:
+                    prob = self.calibration.apply(trust[rows])
+                    outputs[TRUST_PROB] = prob.astype(np.float32).reshape(-1, 1)
                 if options.scores:
                     values = scores.compute_scores(
                         logits[rows],

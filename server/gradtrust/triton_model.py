@@ -17,10 +17,18 @@ import triton_python_backend_utils as pb_utils
 from gradtrust.bls import BlsClassifier, WrapSpec, image_input, triton_infer
 from gradtrust.config import ModelSettings, parse_request
 from gradtrust.errors import GradTrustError, InvalidInputError
+from gradtrust.evaluation.calibration import load_model_calibration
 from gradtrust.metrics import TrustMetrics
 from gradtrust.preprocess import PreprocessSpec, decode_batch
 from gradtrust.runtime import OnnxClassifier
-from gradtrust.service import HEATMAP, HEATMAP_STATS, SCORES, ScoringRequest, TrustService
+from gradtrust.service import (
+    HEATMAP,
+    HEATMAP_STATS,
+    SCORES,
+    TRUST_PROB,
+    ScoringRequest,
+    TrustService,
+)
 
 IMAGE = "IMAGE"
 IMAGE_BYTES = "IMAGE_BYTES"
@@ -66,7 +74,12 @@ class TritonPythonModel:
             self.spec = PreprocessSpec.from_parameters(
                 params, classifier.input_shape, np.dtype(classifier.input_dtype).name
             )
-            self.service = TrustService(classifier, settings, layout=self.spec.layout)
+            self.service = TrustService(
+                classifier,
+                settings,
+                layout=self.spec.layout,
+                calibration=load_model_calibration(model_dir),
+            )
         except GradTrustError as err:
             raise pb_utils.TritonModelException(f"{self.model_name}: {err}") from err
         self.output_names = [o["name"] for o in config["output"]]
@@ -90,6 +103,11 @@ class TritonPythonModel:
         requested = set(request.requested_output_names())
         # Triton lists every output when the client named none: then only cheap ones are implied.
         named = requested != set(self.output_names)
+        if named and TRUST_PROB in requested and self.service.calibration is None:
+            raise InvalidInputError(
+                f"{self.model_name} has no trust calibration, so no {TRUST_PROB}: run "
+                "`gradtrust calibrate` on a labelled calibration set, then reload the model"
+            )
         options = parse_request(
             request.parameters(),
             self.service.settings,

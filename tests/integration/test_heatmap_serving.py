@@ -3,20 +3,14 @@ clear errors when a request cannot be explained."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from tritonclient.utils import InferenceServerException
 
 from gradtrust.heatmaps import explain
 from gradtrust.runtime import head_weight_from_onnx
-from gradtrust.serve import Ports, TritonServer, free_port, start_server
-from tests.conftest import DEMO_MODEL, DEMO_ONNX, MODEL_REPOSITORY
+from tests.conftest import DEMO_ONNX
 from tests.integration.triton_io import PROTOCOLS, infer
 
 pytestmark = pytest.mark.integration
@@ -106,41 +100,18 @@ def test_server_rejects_unexplainable_request_with_clear_error_when_parameters_a
     assert infer(triton_server, protocol, net["images"][:1])["GRADTRUST"].shape == (1, 1)
 
 
-@pytest.fixture(scope="module")
-def server_without_activation(tmp_path_factory) -> Iterator[TritonServer]:
-    """The demo model re-saved without its 'activation' output, served on its own."""
-    repo = tmp_path_factory.mktemp("repo")
-    entry = repo / DEMO_MODEL
-    shutil.copytree(MODEL_REPOSITORY / DEMO_MODEL, entry)
-    model = onnx.load(str(DEMO_ONNX))
-    keep = [o for o in model.graph.output if o.name != "activation"]
-    del model.graph.output[:]
-    model.graph.output.extend(keep)
-    onnx.save(model, str(Path(entry) / "1" / "model.onnx"))
-    server = start_server(
-        repo,
-        ports=Ports(free_port(), free_port(), free_port()),
-        log_path=repo.parent / "triton.log",
-        exit_timeout_s=5,
-    )
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_server_refuses_heatmap_clearly_when_model_cannot_produce_one(
-    server_without_activation, net, protocol
+    bare_demo_server, net, protocol
 ):
     with pytest.raises(InferenceServerException) as info:
         infer(
-            server_without_activation,
+            bare_demo_server,
             protocol,
             net["images"],
             outputs=HEATMAP_OUTPUTS,
             parameters={"heatmap_method": "gradcam"},
         )
     assert "cannot produce a HEATMAP" in str(info.value)
-    plain = infer(server_without_activation, protocol, net["images"])
+    plain = infer(bare_demo_server, protocol, net["images"])
     np.testing.assert_array_equal(plain["CLASS_ID"][:, 0], net["logits"].argmax(axis=1))

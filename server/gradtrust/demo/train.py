@@ -325,7 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = train_and_export(
-            args.repository, args.epochs, args.seed, args.fixture, args.examples
+            args.repository,
+            args.epochs,
+            args.seed,
+            args.fixture,
+            args.examples,
+            off_target_penalty=args.off_target_penalty,
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

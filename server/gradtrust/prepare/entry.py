@@ -41,6 +41,7 @@ _OUTPUTS = (
     ("SCORES", "TYPE_FP32", "[ -1 ]"),
     ("HEATMAP", "TYPE_FP32", "[ -1, -1 ]"),
     ("HEATMAP_STATS", "TYPE_FP32", "[ 2 ]"),
+    ("TRUST_PROB", "TYPE_FP32", "[ 1 ]"),
 )
 
 
