@@ -30,8 +30,8 @@ test-tools:
 	    prometheus prometheus-alertmanager >/dev/null; }
 
 lint: install
-	$(BIN)/ruff check server client tests bench
-	$(BIN)/ruff format --check server client tests bench
+	$(BIN)/ruff check server client tests $(wildcard bench)
+	$(BIN)/ruff format --check server client tests $(wildcard bench)
 
 typecheck: install
 	$(BIN)/mypy
