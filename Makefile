@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 REPO   := model_repository
 
-.PHONY: install serve demo test lint typecheck test-tools train-demo evaluate calibrate clean
+.PHONY: install serve demo test lint typecheck test-tools train-demo evaluate calibrate bench bench-quick clean
 
 install: $(STAMP)
 
@@ -51,6 +51,16 @@ evaluate: install
 # Fit TRUST_PROB and the low-trust threshold (flag 5% of traffic) into the demo entry.
 calibrate: install
 	$(BIN)/gradtrust calibrate --target flag-rate=0.05
+
+# Side-by-side benchmarks (docs/BENCHMARKS.md): in-process ratios, then through tritonserver.
+# About 2 + 10 minutes on 2 cores; results in bench/results/. On a GPU host: bench/run_gpu.sh OUT.
+bench: install
+	$(BIN)/python -m bench.inprocess
+	$(BIN)/python -m bench.serving
+
+bench-quick: install
+	$(BIN)/python -m bench.inprocess --quick
+	$(BIN)/python -m bench.serving --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

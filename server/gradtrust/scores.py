@@ -199,7 +199,8 @@ def _gradtrust(z: Floats) -> Floats:
     scale = np.abs(a).max(axis=1, keepdims=True)
     all_zero = scale[:, 0] == 0.0
     b = a / np.where(scale == 0.0, 1.0, scale)
-    mean_b4 = np.mean(b**4, axis=1)
+    b2 = b * b  # b**4 would go through np.power's slow general path
+    mean_b4 = np.mean(b2 * b2, axis=1)
     score = 1.0 / np.where(all_zero, 1.0, mean_b4)
     return np.clip(score, 1.0, float(c))
 
@@ -228,7 +229,13 @@ def _check_k(k: int) -> int:
     return k_int
 
 
-def _contrast_trust(batch: _Batch, k: int) -> Floats:
+def _top_logits(z: Floats, m: int) -> Floats:
+    """The m largest logit values per sample, descending (one partition, shared by scores)."""
+    c = z.shape[1]
+    return -np.sort(-np.partition(z, c - m, axis=1)[:, c - m :], axis=1)
+
+
+def _contrast_trust(batch: _Batch, k: int, top: Floats | None = None) -> Floats:
     z, s = batch.z, batch.shifted_exp
     n, c = z.shape
     k = min(k, c - 1)
@@ -236,7 +243,7 @@ def _contrast_trust(batch: _Batch, k: int) -> Floats:
         return np.empty(0, dtype=np.float64)
     # The k+1 largest logit values, descending: P's value, then Q_1..Q_k. Only values
     # matter, so tie-breaking between equal logits cannot change the score.
-    top = -np.sort(-np.partition(z, c - k - 1, axis=1)[:, c - k - 1 :], axis=1)
+    top = _top_logits(z, k + 1) if top is None else top[:, : k + 1]
     z_p, z_q = top[:, :1], top[:, 1:]
     with np.errstate(over="ignore"):  # spans beyond float64 give -inf, whose exp is 0
         s_q = np.exp(z_q - z_p)  # (N, k), in [0, 1]
@@ -294,10 +301,13 @@ def entropy(logits: ArrayLike) -> Floats:
     return _entropy(_Batch.of(as_logits(logits)))
 
 
-def _margin(batch: _Batch) -> Floats:
-    c = batch.p.shape[1]
-    top2 = np.partition(batch.p, c - 2, axis=1)[:, c - 2 :]
-    return top2[:, 1] - top2[:, 0]
+def _margin(batch: _Batch, top: Floats | None = None) -> Floats:
+    # p is monotone in z, so the two largest logits name the two largest probabilities:
+    # p_(1) = s_P / Z = 1 / Z and p_(2) = exp(z_(2) - z_(1)) / Z, the same floats as in p.
+    top = _top_logits(batch.z, 2) if top is None else top
+    with np.errstate(over="ignore"):  # spans beyond float64 give -inf, whose exp is 0
+        second = np.exp(top[:, 1] - top[:, 0])
+    return 1.0 / batch.total - second / batch.total
 
 
 def margin(logits: ArrayLike) -> Floats:
@@ -402,6 +412,9 @@ def compute_scores(
     z = as_logits(logits)
     h = _as_features(features, z.shape[0]) if needs_h and features is not None else None
     batch = _Batch.of(z)
+    top = None
+    if "contrast_trust" in wanted or "margin" in wanted:
+        top = _top_logits(z, max(2, min(k, z.shape[1] - 1) + 1))
 
     out: dict[str, Floats] = {}
     for name in wanted:
@@ -410,13 +423,13 @@ def compute_scores(
         if name == "gradtrust":
             out[name] = _gradtrust(z)
         elif name == "contrast_trust":
-            out[name] = _contrast_trust(batch, k)
+            out[name] = _contrast_trust(batch, k, top)
         elif name == "msp":
             out[name] = _msp(batch)
         elif name == "entropy":
             out[name] = _entropy(batch)
         elif name == "margin":
-            out[name] = _margin(batch)
+            out[name] = _margin(batch, top)
         elif name == "max_logit":
             out[name] = np.take_along_axis(z, batch.pred[:, None], axis=1)[:, 0]
         elif name == "energy":

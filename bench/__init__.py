@@ -1,0 +1,1 @@
+"""Reproducible benchmarks for GradTrust Serve (run as ``python -m bench.<script>``)."""

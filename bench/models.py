@@ -1,0 +1,156 @@
+"""The networks the benchmarks time: the trained demo CNN and a ResNet-18-sized CNN.
+
+The larger network exists so that the forward pass costs what a real image classifier
+costs (11.7 M parameters, about 1.8 GFLOP per 224 x 224 image); its weights are random
+because only time is measured. It follows the serving convention of
+:mod:`gradtrust.runtime`: outputs ``logits`` (N, C), ``features`` (N, 512) and
+``activation`` (N, 512, h, w), the last ReLU activation feeding global average pooling.
+Its ONNX export is cached on disk, keyed by everything that changes the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = ROOT / "model_repository" / "gradtrust_mnist"
+DEMO_WEIGHTS = DEMO_DIR / "demo_cnn.pt"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "features", "activation")
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One benchmarked classifier: its ONNX file, its torch twin and its input shape."""
+
+    name: str
+    onnx_path: Path
+    torch_model: nn.Module  # has forward_all(x) -> (logits, features, activation)
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+
+class _BasicBlock(nn.Module):
+    """Two 3x3 convs with BatchNorm and an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18Like(nn.Module):
+    """ResNet-18's layout (stem, 4 stages of 2 basic blocks, 64-512 channels, GAP, linear)."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        ]
+        cin = 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(512, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        activation = self.body(x)
+        features = activation.mean(dim=(2, 3))
+        return self.head(features), features, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(x)[0]
+
+
+class _AllOutputs(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.forward_all(x)  # type: ignore[operator, no-any-return]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gradtrust" / "bench"
+
+
+def export_onnx(model: nn.Module, shape: tuple[int, int, int], path: Path) -> None:
+    """Export ``forward_all`` with a dynamic batch axis; written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    dynamic = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+        torch.onnx.export(
+            _AllOutputs(model.eval()),
+            (torch.zeros(2, *shape),),
+            str(tmp),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
+    tmp.replace(path)
+
+
+def resnet18_like(image_size: int = 224, num_classes: int = 1000, seed: int = 0) -> ModelSpec:
+    """The larger benchmark model with seeded random weights; exports ONNX on first use."""
+    torch.manual_seed(seed)
+    model = ResNet18Like(num_classes).eval()
+    shape = (3, image_size, image_size)
+    key = f"resnet18like-{image_size}-{num_classes}-{seed}-{torch.__version__}-opset{OPSET}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    path = cache_dir() / f"resnet18like_{image_size}px_{num_classes}c_{digest}.onnx"
+    if not path.is_file():
+        export_onnx(model, shape, path)
+    return ModelSpec("resnet18", path, model, shape, num_classes)
+
+
+def demo_cnn() -> ModelSpec:
+    """The trained demo classifier (C = 10, 1 x 28 x 28) from its saved weights.
+
+    Exported here (cached by the weights' hash) rather than read from the repository's
+    ``model.onnx``, so that the ONNX file and the torch twin used for autograd are
+    guaranteed to be the same network.
+    """
+    from gradtrust.demo.cnn import load_demo_model
+
+    model = load_demo_model(DEMO_WEIGHTS)
+    shape = (1, 28, 28)
+    key = f"{hashlib.sha256(DEMO_WEIGHTS.read_bytes()).hexdigest()}-{torch.__version__}-{OPSET}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    path = cache_dir() / f"demo_cnn_{digest}.onnx"
+    if not path.is_file():
+        export_onnx(model, shape, path)
+    return ModelSpec("demo", path, model, shape, 10)

@@ -1,0 +1,437 @@
+"""Throughput, latency and memory of the real tritonserver, plain versus with trust.
+
+A temporary model repository is generated at run time with, for each benchmarked network,
+the GradTrust model (the demo's ``config.pbtxt`` with its name and input dims adjusted,
+its one-line ``1/model.py``, ``labels.txt``) and a *plain* twin ``<name>_plain`` served by
+``bench/plain_model.py``: same Python backend, same onnxruntime session options, same
+dynamic batching and instances, but it returns ``LOGITS`` only. Request variants:
+
+- ``plain``: the plain twin, ``LOGITS``;
+- ``class_id``: the GradTrust model, ``CLASS_ID`` only (it still computes GradTrust: the
+  backend always does; only the returned tensors shrink);
+- ``gradtrust``: ``LABEL, CLASS_ID, CONFIDENCE, GRADTRUST``;
+- ``scores``: the same plus ``SCORES`` (the config's seven scores);
+- ``heatmap``: the same plus ``HEATMAP`` with ``heatmap_method=gradcam``.
+
+Every request carries one image in the concurrency sweep (the dynamic batcher forms the
+batches); the heatmap-latency part sends batches of 1 and 32 one at a time. The server's
+resident memory is sampled throughout and under a final stretch of sustained load.
+
+``python -m bench.serving [--quick]``; see ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import _common as common
+from bench import memory
+from bench.loadgen import VARIANTS, Request, closed_loop, make_client, sequential, triton_counts
+from bench.repository import Served, build_repository
+from gradtrust.serve import Ports, TritonServer, free_port, start_server
+
+log = logging.getLogger("bench.serving")
+
+
+@dataclass(frozen=True)
+class Plan:
+    protocols: tuple[str, ...]
+    concurrency: tuple[int, ...]
+    variants: tuple[str, ...]
+    window_s: float
+    rounds: int
+    max_requests: int
+    heatmap_batches: tuple[int, ...]
+    heatmap_budget_s: float
+    heatmap_max_reps: int
+    memory_s: float
+
+
+FULL = Plan(
+    ("http", "grpc"), (1, 4, 16, 64), tuple(VARIANTS), 2.5, 2, 20_000, (1, 32), 12.0, 100, 60.0
+)
+QUICK = Plan(("http", "grpc"), (2,), tuple(VARIANTS), 0.3, 1, 200, (1, 4), 0.2, 3, 2.0)
+
+
+def _url(server: TritonServer, protocol: str) -> str:
+    return server.grpc_url if protocol == "grpc" else server.http_url
+
+
+async def _cell(
+    server: TritonServer, served: Served, protocol: str, conc: int, plan: Plan, image: np.ndarray
+) -> list[dict[str, Any]]:
+    """All variants at one (model, protocol, concurrency), in alternating rounds."""
+    client = make_client(protocol, _url(server, protocol), conc)
+    totals: dict[str, dict[str, Any]] = {}
+    try:
+        for r in range(plan.rounds):
+            order = plan.variants if r % 2 == 0 else plan.variants[::-1]
+            for name in order:
+                variant = VARIANTS[name]
+                model = served.plain if variant.plain_model else served.model
+                before = triton_counts(server.metrics_url, model)
+                request = Request(protocol, model, variant, image)
+                result = await closed_loop(client, request, conc, plan.window_s, plan.max_requests)
+                after = triton_counts(server.metrics_url, model)
+                acc = totals.setdefault(name, {"latencies": [], "results": [], "counts": []})
+                acc["results"].append(result)
+                acc["counts"].append({k: after[k] - before[k] for k in after})
+    finally:
+        await client.close()
+    rows = []
+    for name, acc in totals.items():
+        res = acc["results"]
+        latencies = [v for r in res for v in r["latencies_s"]]
+        requests = sum(r["requests"] for r in res)
+        window = sum(r["window_s"] for r in res)
+        execs = sum(c["executions"] for c in acc["counts"])
+        infers = sum(c["inferences"] for c in acc["counts"])
+        rows.append(
+            {
+                "model": served.key,
+                "protocol": protocol,
+                "concurrency": conc,
+                "variant": name,
+                "requests": requests,
+                "errors": sum(r["errors"] for r in res),
+                "first_error": next((r["first_error"] for r in res if r["first_error"]), ""),
+                "throughput_rps": requests / window if window > 0 else float("nan"),
+                "round_rps": [round(r["throughput_rps"], 2) for r in res],
+                **common.percentiles_ms(latencies),
+                "mean_ms": 1e3 * float(np.mean(latencies)) if latencies else float("nan"),
+                "avg_server_batch": infers / execs if execs else float("nan"),
+            }
+        )
+    return rows
+
+
+async def _heatmap_latency(
+    server: TritonServer, served: Served, protocol: str, plan: Plan, rng: np.random.Generator
+) -> list[dict[str, Any]]:
+    """Issue 3's check: one request at a time, batch 1 and 32, plain vs GradTrust vs gradcam."""
+    client = make_client(protocol, _url(server, protocol), 1)
+    rows = []
+    names = ("plain", "gradtrust", "heatmap")
+    try:
+        for batch in plan.heatmap_batches:
+            images = rng.random((batch, *served.input_shape), dtype=np.float32)
+            requests = [
+                Request(
+                    protocol,
+                    served.plain if VARIANTS[n].plain_model else served.model,
+                    VARIANTS[n],
+                    images,
+                )
+                for n in names
+            ]
+            await sequential(client, requests, 1, 1, 0.0)  # warm-up
+            times = await sequential(
+                client, requests, 3, plan.heatmap_max_reps, plan.heatmap_budget_s
+            )
+            medians = {n: float(np.median(t)) for n, t in zip(names, times, strict=True)}
+            for name, t in zip(names, times, strict=True):
+                rows.append(
+                    {
+                        "model": served.key,
+                        "protocol": protocol,
+                        "batch": batch,
+                        "variant": name,
+                        "requests": len(t),
+                        **common.percentiles_ms(t),
+                        "x_plain_p50": medians[name] / medians["plain"],
+                        "x_gradtrust_p50": medians[name] / medians["gradtrust"],
+                    }
+                )
+    finally:
+        await client.close()
+    return rows
+
+
+async def _sustained(
+    server: TritonServer, served: Served, seconds: float, concurrency: int
+) -> dict[str, Any]:
+    """Mixed GRADTRUST / SCORES / HEATMAP load over gRPC for ``seconds``, RSS sampled."""
+    client = make_client("grpc", server.grpc_url, concurrency)
+    image = np.random.default_rng(1).random((1, *served.input_shape), dtype=np.float32)
+    mix = [
+        Request("grpc", served.model, VARIANTS[n], image)
+        for n in ("gradtrust", "scores", "heatmap")
+    ]
+    deadline = time.perf_counter() + seconds
+    counts = {"requests": 0, "errors": 0}
+
+    async def worker(offset: int) -> None:
+        i = offset
+        while time.perf_counter() < deadline and counts["requests"] < 10_000_000:
+            try:
+                await mix[i % len(mix)].send(client)
+                counts["requests"] += 1
+            except Exception:  # counted; the sampler still shows what memory did
+                counts["errors"] += 1
+            i += 1
+
+    try:
+        with memory.RssSampler(server.process.pid, interval_s=0.5) as sampler:
+            await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    finally:
+        await client.close()
+    stats = memory.growth(sampler.samples)
+    per_1k = 1000.0 * stats.get("growth_mib", 0.0) / max(counts["requests"], 1)
+    step = max(1, len(sampler.samples) // 60)
+    return {
+        "model": served.key,
+        "concurrency": concurrency,
+        **counts,
+        **stats,
+        "growth_mib_per_1k_requests": per_1k,
+        "samples_t_s_total_mib": [[round(t, 2), round(m, 1)] for t, m in sampler.samples[::step]],
+    }
+
+
+def targets(cells: list[dict[str, Any]], heat: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Throughput with GRADTRUST >= 95% of plain; a gradcam request <= 1.5x a plain one."""
+    found = []
+    plain = {
+        (c["model"], c["protocol"], c["concurrency"]): c for c in cells if c["variant"] == "plain"
+    }
+    for model in sorted({c["model"] for c in cells}):
+        ratios = {
+            f"{c['protocol']} c={c['concurrency']}": c["throughput_rps"]
+            / plain[(c["model"], c["protocol"], c["concurrency"])]["throughput_rps"]
+            for c in cells
+            if c["model"] == model
+            and c["variant"] == "gradtrust"
+            and (c["model"], c["protocol"], c["concurrency"]) in plain
+        }
+        if ratios:
+            found.append(
+                {
+                    "target": f"{model}: throughput with GRADTRUST >= 95% of plain",
+                    "measured": {k: round(v, 3) for k, v in ratios.items()},
+                    "met": min(ratios.values()) >= 0.95,
+                }
+            )
+        gradcam = {
+            f"{h['protocol']} batch {h['batch']}": h["x_plain_p50"]
+            for h in heat
+            if h["model"] == model and h["variant"] == "heatmap"
+        }
+        if gradcam:
+            found.append(
+                {
+                    "target": f"{model}: gradcam request p50 <= 1.5x a plain request's",
+                    "measured": {k: round(v, 3) for k, v in gradcam.items()},
+                    "met": max(gradcam.values()) <= 1.5,
+                }
+            )
+    return found
+
+
+SWEEP_COLUMNS = [
+    ("model", "model"),
+    ("protocol", "protocol"),
+    ("concurrency", "conc."),
+    ("variant", "variant"),
+    ("throughput_rps", "req/s"),
+    ("pct_of_plain", "% of plain"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+    ("avg_server_batch", "avg batch"),
+    ("requests", "requests"),
+    ("errors", "errors"),
+]
+HEAT_COLUMNS = [
+    ("model", "model"),
+    ("protocol", "protocol"),
+    ("batch", "batch"),
+    ("variant", "variant"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+    ("x_plain_p50", "× plain (p50)"),
+    ("x_gradtrust_p50", "× GradTrust (p50)"),
+    ("requests", "requests"),
+]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    plain = {
+        (c["model"], c["protocol"], c["concurrency"]): c["throughput_rps"]
+        for c in result["cells"]
+        if c["variant"] == "plain"
+    }
+    rows = [
+        {**c, "pct_of_plain": 100.0 * c["throughput_rps"] / plain[key]}
+        if (key := (c["model"], c["protocol"], c["concurrency"])) in plain
+        else c
+        for c in result["cells"]
+    ]
+    parts = ["### Serving: concurrency sweep (one image per request)\n"]
+    parts.append(common.markdown_table(rows, SWEEP_COLUMNS) + "\n")
+    parts.append("### Serving: request latency with and without HEATMAP (gradcam)\n")
+    parts.append(common.markdown_table(result["heatmap_latency"], HEAT_COLUMNS) + "\n")
+    mem = result["memory"]
+    sus = mem["sustained"]
+    parts.append("### Server memory (tritonserver + stubs, RSS)\n")
+    parts.append(
+        common.markdown_table(
+            [
+                {"when": "after start", "mib": mem["after_start"]["total_mib"]},
+                {"when": "before sustained load", "mib": mem["before_sustained"]["total_mib"]},
+                {"when": "after sustained load", "mib": mem["after_sustained"]["total_mib"]},
+            ],
+            [("when", "when"), ("mib", "total RSS MiB")],
+        )
+    )
+    parts.append(
+        f"\nSustained load: {sus['requests']} requests ({sus['errors']} errors) in "
+        f"{sus.get('seconds', 0):.0f} s, gRPC, concurrency {sus['concurrency']}, "
+        f"{sus['model']} model, GRADTRUST/SCORES/HEATMAP mixed: RSS {sus.get('start_mib', 0):.0f}"
+        f" -> {sus.get('end_mib', 0):.0f} MiB (peak {sus.get('peak_mib', 0):.0f}), growth "
+        f"{sus.get('growth_mib', 0):+.1f} MiB, {sus.get('growth_second_half_mib', 0):+.1f} MiB "
+        f"in the second half.\n"
+    )
+    if result.get("targets"):
+        parts.append("Targets:\n")
+        for t in result["targets"]:
+            verdict = "met" if t["met"] else "NOT met"
+            parts.append(f"- {t['target']}: **{verdict}** {t['measured']}")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny configuration (seconds)")
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
+    parser.add_argument("--name", default="", help="results file name (default serving[_quick])")
+    parser.add_argument("--models", default="demo,resnet18")
+    parser.add_argument("--protocols", default="")
+    parser.add_argument("--concurrency", default="")
+    parser.add_argument("--variants", default="")
+    parser.add_argument("--window-s", type=float, default=0.0, help="per round and variant")
+    parser.add_argument("--memory-s", type=float, default=-1.0)
+    parser.add_argument("--image-size", type=int, default=0, help="ResNet input (224; quick 32)")
+    parser.add_argument("--instances", type=int, default=1, help="instance_group count")
+    parser.add_argument(
+        "--server-arg", action="append", default=[], help="extra tritonserver argument"
+    )
+    parser.add_argument("--keep-log", type=Path, default=None, help="copy the server log here")
+    parser.add_argument(
+        "--source", type=Path, default=None, help="import gradtrust from this directory (A/B)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    plan = QUICK if args.quick else FULL
+    overrides: dict[str, Any] = {}
+    if args.protocols:
+        overrides["protocols"] = tuple(common.parse_names(args.protocols))
+    if args.concurrency:
+        overrides["concurrency"] = tuple(common.parse_ints(args.concurrency))
+    if args.variants:
+        overrides["variants"] = tuple(common.parse_names(args.variants))
+    if args.window_s > 0:
+        overrides["window_s"] = args.window_s
+    if args.memory_s >= 0:
+        overrides["memory_s"] = args.memory_s
+    plan = Plan(**{**plan.__dict__, **overrides})
+    size = args.image_size or (32 if args.quick else 224)
+    keys = common.parse_names(args.models)
+    tmp = Path(tempfile.mkdtemp(prefix="gradtrust-bench-"))
+    info = common.machine()
+    try:
+        source = args.source.resolve() if args.source else None
+        served = build_repository(tmp / "repo", keys, size, args.instances, source)
+        server = start_server(
+            tmp / "repo",
+            ports=Ports(http=free_port(), grpc=free_port(), metrics=free_port()),
+            log_path=tmp / "tritonserver.log",
+            extra_args=args.server_arg,
+            timeout_s=300,
+            exit_timeout_s=5,
+        )
+        try:
+            result = _run(server, served, plan)
+        finally:
+            server.stop()
+            if args.keep_log is not None and server.log_path is not None:
+                shutil.copy2(server.log_path, args.keep_log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.update(
+        benchmark="serving",
+        quick=args.quick,
+        machine=info,
+        plan=plan.__dict__,
+        image_size=size,
+        instances=args.instances,
+        server_args=args.server_arg,
+        source=str(args.source) if args.source else "installed gradtrust",
+        load_average_after=common.load_average(),
+    )
+    name = args.name or ("serving_quick" if args.quick else "serving")
+    path = common.write_results(args.out, name, result, markdown(result))
+    log.info("wrote %s", path)
+    errors = sum(c["errors"] for c in result["cells"]) + result["memory"]["sustained"]["errors"]
+    if errors:
+        log.error("%d requests failed; see first_error in %s", errors, path)
+        return 1
+    return 0
+
+
+def _run(server: TritonServer, served: list[Served], plan: Plan) -> dict[str, Any]:
+    pid = server.process.pid
+    after_start = memory.snapshot(pid)
+    rng = np.random.default_rng(0)
+    cells: list[dict[str, Any]] = []
+    trajectory = [[0.0, after_start["total_mib"]]]
+    t0 = time.monotonic()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    load_before = common.load_average()
+    for s in served:
+        image = rng.random((1, *s.input_shape), dtype=np.float32)
+        for protocol in plan.protocols:
+            for conc in plan.concurrency:
+                rows = asyncio.run(_cell(server, s, protocol, conc, plan, image))
+                cells += rows
+                for row in rows:
+                    log.info(
+                        "%s %s c=%d %-9s %8.1f req/s  p50 %7.2f ms  p99 %7.2f ms  batch %.1f",
+                        s.key, protocol, conc, row["variant"], row["throughput_rps"],
+                        row["p50_ms"], row["p99_ms"], row["avg_server_batch"],
+                    )  # fmt: skip
+                trajectory.append([time.monotonic() - t0, memory.snapshot(pid)["total_mib"]])
+    heat: list[dict[str, Any]] = []
+    for s in served:
+        for protocol in plan.protocols:
+            heat += asyncio.run(_heatmap_latency(server, s, protocol, plan, rng))
+    before = memory.snapshot(pid)
+    conc = 16 if plan.memory_s >= 10 else 4
+    sustained = asyncio.run(_sustained(server, served[0], plan.memory_s, conc))
+    return {
+        "started": started,
+        "load_average_before": load_before,
+        "models": [s.__dict__ for s in served],
+        "cells": cells,
+        "heatmap_latency": heat,
+        "memory": {
+            "after_start": after_start,
+            "before_sustained": before,
+            "sustained": sustained,
+            "after_sustained": memory.snapshot(pid),
+            "trajectory_t_s_total_mib": trajectory,
+        },
+        "targets": targets(cells, heat),
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
