@@ -5,8 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 REPO   := model_repository
 
-.PHONY: install serve demo test lint typecheck test-tools train-demo evaluate calibrate bench bench-quick clean
-
+.PHONY: install serve demo test lint typecheck test-tools train-demo evaluate calibrate bench bench-quick clean soak
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -61,6 +60,11 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m bench.inprocess --quick
 	$(BIN)/python -m bench.serving --quick
+
+# Soak: 8 client threads over HTTP and gRPC on loopback for 5 minutes (bounded in time and
+# count); every answer checked against in-process onnxruntime, server RSS at start and end.
+soak: install
+	$(BIN)/python -m bench.soak --duration 300 --threads 8 --out bench/results/soak.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -32,10 +32,13 @@ from gradtrust_client.images import (
     overlay_png,
     question_for,
 )
+from gradtrust_client.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_RETRY",
     "METHODS",
+    "NO_RETRY",
     "QUESTIONS",
     "Explanation",
     "InvalidImageError",
@@ -43,6 +46,7 @@ __all__ = [
     "ModelInfo",
     "ModelNotReadyError",
     "Prediction",
+    "RetryPolicy",
     "ServerUnavailableError",
     "TrustClient",
     "TrustClientError",

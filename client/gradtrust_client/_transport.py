@@ -9,6 +9,7 @@ client's own exceptions.
 from __future__ import annotations
 
 import contextlib
+import http.client
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,22 @@ _UNAVAILABLE = {"StatusCode.UNAVAILABLE", "503"}
 _TIMEOUT = {"StatusCode.DEADLINE_EXCEEDED", "504"}
 _NOT_FOUND = {"404", "StatusCode.NOT_FOUND"}
 _MODEL_MISSING_HINTS = ("unknown model", "no available versions")
+# Triton's Python backend, once a model's stub process has died (INTERNAL / 500).
+_STUB_DEAD_HINT = "is not healthy"
+# gRPC channel options: tritonclient's defaults (unlimited message size, its keepalive
+# settings) plus quick reconnection, so a restarted server is found again within about a
+# second instead of gRPC's default backoff of up to two minutes.
+_GRPC_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.keepalive_time_ms", 2**31 - 1),
+    ("grpc.keepalive_timeout_ms", 20000),
+    ("grpc.keepalive_permit_without_calls", False),
+    ("grpc.http2.max_pings_without_data", 2),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 ParamValue = str | int | float | bool
 
@@ -71,7 +88,9 @@ class Transport:
                 import tritonclient.grpc as grpcclient
 
                 self._module = grpcclient
-                self._client = grpcclient.InferenceServerClient(url=url)
+                self._client = grpcclient.InferenceServerClient(
+                    url=url, channel_args=_GRPC_CHANNEL_ARGS
+                )
                 self._grpc_timeout = {"client_timeout": self.timeout_s}
 
     @property
@@ -138,8 +157,9 @@ class Transport:
             raise self._from_triton(exc, model) from None
         except TimeoutError:
             raise self._timed_out() from None
-        except OSError as exc:
-            reason = exc.strerror or str(exc) or type(exc).__name__
+        except (OSError, http.client.HTTPException) as exc:
+            # HTTPException: the server closed the connection (it is shutting down).
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise ServerUnavailableError(
                 f"cannot reach a Triton server at {self.location} ({reason}): "
                 + start_hint(self.url)
@@ -148,7 +168,8 @@ class Transport:
     def _timed_out(self) -> ServerUnavailableError:
         return ServerUnavailableError(
             f"the Triton server at {self.location} did not answer within {self.timeout_s:g} s: "
-            "raise timeout_s (--timeout) for large batches, or check that the server is healthy"
+            "raise timeout_s (--timeout) for large batches, or check that the server is healthy",
+            timed_out=True,
         )
 
     def _from_triton(self, exc: InferenceServerException, model: str | None) -> TrustClientError:
@@ -162,6 +183,12 @@ class Transport:
             )
         if status in _TIMEOUT:
             return self._timed_out()
+        if _STUB_DEAD_HINT in lowered and "stub process" in lowered:
+            return ServerUnavailableError(
+                f"the backend process of model {model!r} on {self.location} has died "
+                f"({message}); the server cannot answer for it until it restarts "
+                "(`gradtrust serve` restarts it by itself): retry in a few seconds"
+            )
         if model is not None and (
             status in _NOT_FOUND
             or (status in _INVALID and any(hint in lowered for hint in _MODEL_MISSING_HINTS))

@@ -24,6 +24,7 @@ from gradtrust_client.errors import (
     TrustClientError,
 )
 from gradtrust_client.images import QUESTIONS, as_model_batch, load_images, question_for
+from gradtrust_client.retry import DEFAULT_RETRY, RetryPolicy
 
 DEFAULT_MODEL = "gradtrust_mnist"
 METHODS = tuple(QUESTIONS)
@@ -101,6 +102,10 @@ class TrustClient:
     Use as a context manager (or call :meth:`close`). Every method raises only
     :class:`~gradtrust_client.errors.TrustClientError` subclasses. One client per
     thread: the underlying tritonclient connections are not shared safely.
+
+    Transient failures (server unreachable, model backend restarting) are retried as
+    ``retry`` says (:data:`~gradtrust_client.retry.DEFAULT_RETRY`: 4 tries over about
+    0.7 s; :data:`~gradtrust_client.retry.NO_RETRY` turns it off); rejected requests never.
     """
 
     def __init__(
@@ -109,11 +114,13 @@ class TrustClient:
         protocol: str = "http",
         model: str = DEFAULT_MODEL,
         timeout_s: float = 60.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         """``url`` is host:port; None means localhost:8000 (http) or localhost:8001 (grpc)."""
         if protocol not in DEFAULT_URLS:
             raise InvalidRequestError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         self.model = model
+        self.retry = retry
         self._transport = Transport(url or DEFAULT_URLS[protocol], protocol, timeout_s)
         self._info: ModelInfo | None = None
 
@@ -149,12 +156,12 @@ class TrustClient:
     def model_info(self, refresh: bool = False) -> ModelInfo:
         """Read (once, then cached) the model's input, batch size and default scores."""
         if self._info is None or refresh:
-            if not self._transport.model_ready(self.model):
+            if not self.retry.call(lambda: self._transport.model_ready(self.model)):
                 raise ModelNotReadyError(
                     f"model {self.model!r} is not ready on {self._transport.location}: check the "
                     "model name (--model), and the server log for a model that failed to load"
                 )
-            config = self._transport.model_config(self.model)
+            config = self.retry.call(lambda: self._transport.model_config(self.model))
             self._info = _parse_config(self.model, config)
         return self._info
 
@@ -262,10 +269,13 @@ class TrustClient:
     ) -> list[dict[str, np.ndarray]]:
         batch = _to_batch(images, info)
         step = info.max_batch_size
-        return [
-            self._transport.infer(self.model, info.input_name, batch[i : i + step], outputs, params)
-            for i in range(0, len(batch), step)
-        ]
+
+        def send(chunk: np.ndarray) -> dict[str, np.ndarray]:
+            return self.retry.call(
+                lambda: self._transport.infer(self.model, info.input_name, chunk, outputs, params)
+            )
+
+        return [send(batch[i : i + step]) for i in range(0, len(batch), step)]
 
 
 def _to_batch(images: Images, info: ModelInfo) -> np.ndarray:

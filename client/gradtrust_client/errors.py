@@ -25,7 +25,17 @@ class InvalidImageError(InvalidRequestError):
 
 
 class ServerUnavailableError(TrustClientError, ConnectionError):
-    """No Triton server answered at the URL (connection refused, unknown host, timeout)."""
+    """No Triton server answered at the URL (connection refused, unknown host, timeout),
+    or the model's backend process on it has died and is being restarted.
+
+    ``timed_out`` is True when the server took longer than the client's timeout: the
+    request may still be running there, so :mod:`gradtrust_client.retry` does not repeat it
+    unless asked to.
+    """
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class ModelNotReadyError(TrustClientError):

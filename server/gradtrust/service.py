@@ -85,8 +85,40 @@ class TrustService:
     def num_classes(self) -> int:
         return self.classifier.num_classes
 
+    def check_request_size(self, shape: Sequence[int], itemsize: int) -> None:
+        """Reject an oversized IMAGE from its shape alone, before any pixel is read.
+
+        Triton has already capped the batch at max_batch_size and checked the dims it
+        knows; this bounds the bytes of one request and the pixels of one image, which
+        matters for variable-size inputs (config parameters max_request_bytes and
+        max_image_pixels).
+        """
+        dims = [int(d) for d in shape]
+        if any(d < 0 for d in dims):
+            raise InvalidInputError(f"IMAGE has a negative dimension in its shape {dims}")
+        nbytes = int(np.prod(dims, dtype=np.float64)) * int(itemsize)
+        limit = self.settings.max_request_bytes
+        if nbytes > limit:
+            raise InvalidInputError(
+                f"IMAGE of shape {dims} holds {nbytes} bytes, over this model's limit of "
+                f"{limit} bytes per request (config parameter max_request_bytes): "
+                "send fewer or smaller images per request"
+            )
+        if len(dims) == 4:
+            height, width = spatial_size(dims, self.layout)
+            if height * width > self.settings.max_image_pixels:
+                raise InvalidInputError(
+                    f"IMAGE images are {height}x{width} = {height * width} pixels, over this "
+                    f"model's limit of {self.settings.max_image_pixels} (config parameter "
+                    "max_image_pixels): downscale them"
+                )
+
     def check_images(self, images: np.ndarray) -> np.ndarray:
         """Reject what the forward pass must not see; Triton has already checked shape and dtype."""
+        if not isinstance(images, np.ndarray) or images.dtype.kind not in "fiu":
+            kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
+            raise InvalidInputError(f"IMAGE has element type {kind}; send real-valued pixels")
+        self.check_request_size(images.shape, images.dtype.itemsize)
         expected = self.classifier.input_shape
         if images.ndim != len(expected) + 1 or any(
             isinstance(e, int) and e != s for e, s in zip(expected, images.shape[1:], strict=True)
@@ -107,6 +139,14 @@ class TrustService:
                 f"IMAGE has NaN or Inf pixels in sample(s) {np.flatnonzero(bad).tolist()}: "
                 "send finite pixel values"
             )
+        if images.dtype.kind == "f" and images.dtype.itemsize > 4:
+            big = float(np.finfo(np.float32).max)
+            over = (low < -big) | (high > big)
+            if over.any():
+                raise InvalidInputError(
+                    f"IMAGE pixels in sample(s) {np.flatnonzero(over).tolist()} exceed the "
+                    "float32 range the model computes in: send finite FP32 pixel values"
+                )
         lo, hi = self.settings.pixel_min, self.settings.pixel_max
         if lo is not None and hi is not None:
             out = (low < lo) | (high > hi)

@@ -8,6 +8,7 @@ imports ``triton_python_backend_utils``, which exists only inside Triton's Pytho
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,28 @@ from gradtrust.service import (
     HEATMAP_STATS,
     SCORES,
     TRUST_PROB,
+    BatchResult,
     ScoringRequest,
     TrustService,
 )
 
 IMAGE = "IMAGE"
 IMAGE_BYTES = "IMAGE_BYTES"
+
+
+class _InternalError(Exception):
+    """A request failed for a reason other than its input: it gets INTERNAL."""
+
+
+def _describe(err: Exception) -> str:
+    """What the client may read: our own errors say what is wrong (a misconfigured wrapped
+    model, say); anything else is a bug, whose details stay in the server log."""
+    if isinstance(err, GradTrustError):
+        return str(err)
+    return (
+        f"internal error ({type(err).__name__}) while scoring this request; the server log "
+        "has the details. Other requests are not affected."
+    )
 
 
 def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
@@ -83,6 +100,12 @@ class TritonPythonModel:
         except GradTrustError as err:
             raise pb_utils.TritonModelException(f"{self.model_name}: {err}") from err
         self.output_names = [o["name"] for o in config["output"]]
+        image = next((i for i in config.get("input", []) if i.get("name") == IMAGE), None)
+        self.image_itemsize = (
+            np.dtype(pb_utils.triton_string_to_numpy(image["data_type"])).itemsize
+            if image is not None
+            else 4
+        )
         self.output_dtypes = {
             o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]
         }
@@ -118,23 +141,71 @@ class TritonPythonModel:
         encoded = pb_utils.get_input_tensor_by_name(request, IMAGE_BYTES)
         if tensor is not None and encoded is not None:
             raise InvalidInputError(f"send either {IMAGE} or {IMAGE_BYTES}, not both")
+        limit = self.service.settings.max_request_bytes
         if encoded is not None:
-            return ScoringRequest(decode_batch(encoded.as_numpy(), self.spec), options)
+            files = encoded.as_numpy()
+            size = sum(len(f) for f in files.reshape(-1) if isinstance(f, bytes | bytearray))
+            if size > limit:
+                raise InvalidInputError(
+                    f"{IMAGE_BYTES} holds {size} bytes of files, over this model's limit of "
+                    f"{limit} bytes per request (config parameter max_request_bytes): send "
+                    "fewer or smaller files per request"
+                )
+            return ScoringRequest(decode_batch(files, self.spec), options)
         if tensor is None:
             raise InvalidInputError(f"the request has no input named {IMAGE} or {IMAGE_BYTES}")
+        # Size limits from the shape alone, before the pixels are touched.
+        self.service.check_request_size(tensor.shape(), self.image_itemsize)
         return ScoringRequest(tensor.as_numpy(), options)
+
+    def _run(self, requests: list[ScoringRequest]) -> BatchResult:
+        """The batch in one pass; if that hits a bug, each request alone, so that only the
+        request that triggers it fails (INTERNAL) and the others are still answered."""
+        try:
+            return self.service.run(requests)
+        except Exception as err:  # a bug, not bad input: isolate it rather than fail all
+            self._log_bug("a batch", err)
+        answers: list[Any] = []  # outputs, InvalidInputError or _InternalError
+        result = BatchResult(answers=answers)
+        gradtrust, confidence = [result.gradtrust], [result.confidence]
+        for request in requests:
+            try:
+                one = self.service.run([request])
+            except Exception as err:
+                self._log_bug("a request", err)
+                answers.append(_InternalError(_describe(err)))
+                continue
+            answers.extend(one.answers)
+            gradtrust.append(one.gradtrust)
+            confidence.append(one.confidence)
+            result.trust_seconds += one.trust_seconds
+            if one.heatmap_seconds is not None:
+                result.heatmap_seconds = (result.heatmap_seconds or 0.0) + one.heatmap_seconds
+        result.gradtrust = np.concatenate(gradtrust)
+        result.confidence = np.concatenate(confidence)
+        return result
+
+    def _log_bug(self, what: str, err: Exception) -> None:
+        pb_utils.Logger.log_error(
+            f"{self.model_name}: unexpected {type(err).__name__} while scoring {what}:\n"
+            + "".join(traceback.format_exception(err))
+        )
 
     def execute(self, requests: list[Any]) -> list[Any]:
         parsed: list[ScoringRequest | None] = []
-        errors: dict[int, InvalidInputError] = {}
+        errors: dict[int, InvalidInputError | _InternalError] = {}
         for i, request in enumerate(requests):
             try:
                 parsed.append(self._parse(request))
             except InvalidInputError as err:
                 parsed.append(None)
                 errors[i] = err
+            except Exception as err:  # a bug: this request fails, the batch goes on
+                self._log_bug("a request's inputs", err)
+                parsed.append(None)
+                errors[i] = _InternalError(_describe(err))
         good = [i for i, p in enumerate(parsed) if p is not None]
-        batch = self.service.run([p for p in parsed if p is not None])
+        batch = self._run([p for p in parsed if p is not None])
         answers: list[Any] = [None] * len(requests)
         for i, error in errors.items():
             answers[i] = error
@@ -154,6 +225,11 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(
                 output_tensors=[],
                 error=pb_utils.TritonError(str(answer), pb_utils.TritonError.INVALID_ARG),
+            )
+        if isinstance(answer, _InternalError):
+            return pb_utils.InferenceResponse(
+                output_tensors=[],
+                error=pb_utils.TritonError(str(answer), pb_utils.TritonError.INTERNAL),
             )
         tensors = [
             pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=self.output_dtypes[name]))
