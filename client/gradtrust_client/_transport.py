@@ -128,8 +128,12 @@ class Transport:
         parameters: Mapping[str, ParamValue],
     ) -> dict[str, np.ndarray]:
         """Send one batch; return the requested outputs as numpy arrays."""
-        tensor = self._module.InferInput(input_name, list(batch.shape), "FP32")
-        tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if batch.dtype == np.object_:  # encoded files for a BYTES input
+            tensor = self._module.InferInput(input_name, list(batch.shape), "BYTES")
+            tensor.set_data_from_numpy(batch)
+        else:
+            tensor = self._module.InferInput(input_name, list(batch.shape), "FP32")
+            tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         requested = [self._module.InferRequestedOutput(name) for name in outputs]
         with self.translated(model):
             result = self._client.infer(

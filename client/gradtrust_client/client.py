@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -94,6 +95,9 @@ class ModelInfo:
     default_scores: tuple[str, ...]
     labels: tuple[str, ...] | None
     outputs: tuple[str, ...]
+    #: "IMAGE_BYTES" when the model decodes PNG/JPEG files itself (``gradtrust prepare``
+    #: entries): files are then sent as they are and preprocessed by the server.
+    encoded_input: str | None = None
 
 
 class TrustClient:
@@ -267,25 +271,47 @@ class TrustClient:
         outputs: Sequence[str],
         params: dict[str, ParamValue],
     ) -> list[dict[str, np.ndarray]]:
-        batch = _to_batch(images, info)
+        paths = _paths(images)
+        if paths is not None and info.encoded_input is not None:
+            name = info.encoded_input
+            batch = _read_files(paths)
+        else:
+            name, batch = info.input_name, _to_batch(images, info)
         step = info.max_batch_size
 
         def send(chunk: np.ndarray) -> dict[str, np.ndarray]:
             return self.retry.call(
-                lambda: self._transport.infer(self.model, info.input_name, chunk, outputs, params)
+                lambda: self._transport.infer(self.model, name, chunk, outputs, params)
             )
 
         return [send(batch[i : i + step]) for i in range(0, len(batch), step)]
 
 
-def _to_batch(images: Images, info: ModelInfo) -> np.ndarray:
-    shape = info.input_shape
-    if isinstance(images, str | os.PathLike) or (
+def _paths(images: Images) -> list[str | os.PathLike[str]] | None:
+    """The file paths in ``images``, or None when it is an array."""
+    if isinstance(images, str | os.PathLike):
+        return [images]
+    if (
         isinstance(images, Sequence)
         and len(images) > 0
         and all(isinstance(item, str | os.PathLike) for item in images)
     ):
-        paths = [images] if isinstance(images, str | os.PathLike) else list(images)
+        return list(images)
+    return None
+
+
+def _read_files(paths: Sequence[str | os.PathLike[str]]) -> np.ndarray:
+    """Files as they are, for a model's BYTES input: (N, 1) object array of bytes."""
+    try:
+        return np.array([[Path(p).read_bytes()] for p in paths], dtype=np.object_)
+    except OSError as err:
+        raise InvalidImageError(f"cannot read {err.filename}: {err.strerror}") from None
+
+
+def _to_batch(images: Images, info: ModelInfo) -> np.ndarray:
+    shape = info.input_shape
+    paths = _paths(images)
+    if paths is not None:
         if len(shape) != 3 or min(shape) <= 0:
             raise InvalidImageError(
                 f"model {info.name!r} takes inputs of shape {shape}: only fixed (C, H, W) inputs "
@@ -352,7 +378,9 @@ def _text(value: Any) -> str:
 
 def _parse_config(model: str, config: dict[str, Any]) -> ModelInfo:
     inputs = config.get("input") or []
-    chosen = [item for item in inputs if item.get("name") == "IMAGE"] or inputs
+    chosen = [item for item in inputs if item.get("name") == "IMAGE"] or [
+        item for item in inputs if item.get("name") != "IMAGE_BYTES"
+    ]
     if len(chosen) != 1:
         raise TrustClientError(
             f"model {model!r} has inputs {[i.get('name') for i in inputs]}; a GradTrust model "
@@ -377,6 +405,9 @@ def _parse_config(model: str, config: dict[str, Any]) -> ModelInfo:
         default_scores=tuple(_split(_param(parameters, "scores"))),
         labels=tuple(_split(_param(parameters, "labels"))) or None,
         outputs=tuple(str(out.get("name")) for out in config.get("output") or []),
+        encoded_input="IMAGE_BYTES"
+        if any(i.get("name") == "IMAGE_BYTES" for i in inputs)
+        else None,
     )
 
 

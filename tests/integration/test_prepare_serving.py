@@ -360,3 +360,23 @@ def test_wrapped_model_refuses_heatmaps_clearly_when_asked(served):
         infer(
             served, WRAPPED, {"IMAGE": entry.images(1)}, ("HEATMAP",), {"heatmap_method": "gradcam"}
         )
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_client_sends_files_as_they_are_when_model_decodes_images(served, tmp_path, protocol):
+    from gradtrust_client import TrustClient
+
+    rng = np.random.default_rng(11)
+    files = [encode(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8), "PNG") for _ in range(3)]
+    paths = []
+    for i, data in enumerate(files):
+        paths.append(tmp_path / f"image_{i}.png")
+        paths[-1].write_bytes(data)
+    url = served.server.http_url if protocol == "http" else served.server.grpc_url
+    with TrustClient(url, protocol=protocol, model=NORMALISED) as client:
+        assert client.model_info().encoded_input == "IMAGE_BYTES"
+        got = client.predict(paths)
+    encoded = np.array([[f] for f in files], dtype=np.object_)
+    want = infer(served, NORMALISED, {"IMAGE_BYTES": encoded}, BASE_OUTPUTS)
+    assert [p.class_id for p in got] == want["CLASS_ID"][:, 0].tolist()
+    np.testing.assert_allclose([p.gradtrust for p in got], want["GRADTRUST"][:, 0], rtol=1e-6)
