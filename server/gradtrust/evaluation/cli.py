@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gradtrust.errors import ConfigError, GradTrustError
+from gradtrust.errors import ConfigError
 from gradtrust.evaluation.calibration import ThresholdTarget, TrustCalibration, check_heldout
 from gradtrust.evaluation.runner import LabelledData, Plan, demo_data, npz_data
 from gradtrust.evaluation.shifts import CORRUPTIONS, SEVERITIES
@@ -223,14 +223,10 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gradtrust", description=__doc__)
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except GradTrustError as err:
-        print(f"gradtrust: error: {err}", file=sys.stderr)
-        return 2
+    """``gradtrust evaluate|calibrate ...`` (the ``gradtrust`` entry point's own parser)."""
+    from gradtrust.cli import main as gradtrust_main
+
+    return gradtrust_main(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

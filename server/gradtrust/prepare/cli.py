@@ -188,14 +188,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gradtrust")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["prepare", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except GradTrustError as err:
-        print(f"gradtrust: error: {err}", file=sys.stderr)
-        return 2
+    """``gradtrust prepare ...`` (the ``gradtrust`` entry point's own parser)."""
+    from gradtrust.cli import main as gradtrust_main
+
+    return gradtrust_main(["prepare", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
