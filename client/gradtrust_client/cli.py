@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from gradtrust_client._transport import DEFAULT_URLS
-from gradtrust_client.client import DEFAULT_MODEL, METHODS, Prediction, TrustClient
+from gradtrust_client.client import DEFAULT_MODEL, METHODS, ModelInfo, Prediction, TrustClient
 from gradtrust_client.errors import (
     InvalidRequestError,
     ModelNotReadyError,
@@ -50,9 +52,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_ERROR)
 
 
+def _sends_files(info: ModelInfo, paths: Sequence[str]) -> bool:
+    """Models that decode PNG/JPEG themselves (IMAGE_BYTES) get the files as they are, so
+    the server applies the entry's own resize and normalisation; arrays are sent as arrays."""
+    return info.encoded_input is not None and not any(
+        Path(p).suffix.lower() in (".npy", ".npz") for p in paths
+    )
+
+
 def _predict(client: TrustClient, args: argparse.Namespace) -> int:
     info = client.model_info()
-    images, names = load_images_with_names(args.images, _fixed_shape(info.input_shape))
+    images: np.ndarray | list[str]
+    if _sends_files(info, args.images):
+        images, names = list(args.images), list(args.images)
+    else:
+        images, names = load_images_with_names(args.images, _fixed_shape(info.input_shape))
     scores: bool | list[str] = False
     if args.scores is not None:
         scores = [s for s in args.scores.split(",") if s.strip()] or True
@@ -75,7 +89,8 @@ def _explain(client: TrustClient, args: argparse.Namespace) -> int:
     contrast: int | str | None = args.contrast
     if isinstance(contrast, str) and contrast.strip().isdigit():
         contrast = int(contrast)
-    (explanation,) = client.explain(images, method=args.method, contrast=contrast)
+    sent = [args.image] if _sends_files(info, [args.image]) else images
+    (explanation,) = client.explain(sent, method=args.method, contrast=contrast)
     question = explanation.question(info.labels)
     summary = {
         "file": names[0],

@@ -10,7 +10,9 @@ as ``IMAGE_BYTES`` must give the same answers as their decoded, normalised array
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,3 +382,27 @@ def test_client_sends_files_as_they_are_when_model_decodes_images(served, tmp_pa
     want = infer(served, NORMALISED, {"IMAGE_BYTES": encoded}, BASE_OUTPUTS)
     assert [p.class_id for p in got] == want["CLASS_ID"][:, 0].tolist()
     np.testing.assert_allclose([p.gradtrust for p in got], want["GRADTRUST"][:, 0], rtol=1e-6)
+
+
+def test_cli_predict_lets_server_preprocess_files_when_model_decodes_images(served, tmp_path):
+    from gradtrust_client.cli import main as client_main
+
+    rng = np.random.default_rng(13)
+    files = [encode(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8), "PNG") for _ in range(2)]
+    paths = []
+    for i, data in enumerate(files):
+        paths.append(str(tmp_path / f"photo_{i}.png"))
+        Path(paths[-1]).write_bytes(data)
+    want = infer(
+        served,
+        NORMALISED,
+        {"IMAGE_BYTES": np.array([[f] for f in files], np.object_)},
+        BASE_OUTPUTS,
+    )
+    out = tmp_path / "out.json"
+    argv = ["predict", *paths, "--json", "--url", served.server.http_url, "--model", NORMALISED]
+    with out.open("w") as stream, contextlib.redirect_stdout(stream):
+        assert client_main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [r["class_id"] for r in rows] == want["CLASS_ID"][:, 0].tolist()
+    np.testing.assert_allclose([r["gradtrust"] for r in rows], want["GRADTRUST"][:, 0], rtol=1e-6)
