@@ -70,7 +70,9 @@ def _predict(client: TrustClient, args: argparse.Namespace) -> int:
     scores: bool | list[str] = False
     if args.scores is not None:
         scores = [s for s in args.scores.split(",") if s.strip()] or True
-    predictions = client.predict(images, scores=scores, contrast_k=args.contrast_k)
+    predictions = client.predict(
+        images, scores=scores, contrast_k=args.contrast_k, trust_prob=args.trust_prob
+    )
     if args.json:
         rows = [{"file": name, **asdict(p)} for name, p in zip(names, predictions, strict=True)]
         print(json.dumps(rows, indent=2))
@@ -123,12 +125,15 @@ def _explain(client: TrustClient, args: argparse.Namespace) -> int:
 
 def _table(names: Sequence[str], predictions: Sequence[Prediction]) -> str:
     score_names = list(predictions[0].scores or {}) if predictions else []
-    header = ["file", "label", "confidence", "gradtrust", *score_names]
+    with_prob = bool(predictions) and predictions[0].trust_prob is not None
+    header = ["file", "label", "confidence", "gradtrust", *(["trust_prob"] if with_prob else [])]
+    header += score_names
     rows = [header]
     for name, p in zip(names, predictions, strict=True):
         scores = p.scores or {}
         rows.append(
             [name, p.label, f"{p.confidence:.4f}", f"{p.gradtrust:.3f}"]
+            + ([f"{p.trust_prob:.4f}"] if with_prob else [])
             + [f"{scores[s]:.4g}" for s in score_names]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -212,6 +217,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAMES",
         help="also return trust scores: the model's default list, or comma-separated NAMES",
+    )
+    predict.add_argument(
+        "--trust-prob",
+        action="store_true",
+        help="also return TRUST_PROB, the calibrated P(correct) (after gradtrust calibrate)",
     )
     predict.add_argument(
         "--contrast-k",

@@ -41,6 +41,8 @@ class Prediction:
     ``confidence`` is the softmax probability of ``label`` in [0, 1]; ``gradtrust`` lies in
     [1, C] for C classes. Higher means more trust for both and for every entry of
     ``scores`` (name -> value, in the order requested; None when none were requested).
+    ``trust_prob`` is the calibrated probability that the prediction is correct (None unless
+    requested; the model must have been calibrated with ``gradtrust calibrate``).
     """
 
     label: str
@@ -48,6 +50,7 @@ class Prediction:
     confidence: float
     gradtrust: float
     scores: dict[str, float] | None = None
+    trust_prob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -174,12 +177,14 @@ class TrustClient:
         images: Images,
         scores: bool | Sequence[str] = False,
         contrast_k: int | None = None,
+        trust_prob: bool = False,
     ) -> list[Prediction]:
         """Classify images (an array or file paths); one :class:`Prediction` each, in order.
 
         ``scores=True`` asks for the model's default score list, a sequence of names for
         those scores. ``contrast_k`` sets how many runner-up classes ``contrast_trust``
-        compares against. Any number of images works: batches are split to fit the model.
+        compares against. ``trust_prob=True`` also asks for TRUST_PROB. Any number of
+        images works: batches are split to fit the model.
         """
         info = self.model_info()
         names = self._score_names(scores, info)
@@ -192,14 +197,20 @@ class TrustClient:
             if contrast_k < 1:
                 raise InvalidRequestError(f"contrast_k must be at least 1, got {contrast_k}")
             params["contrast_k"] = int(contrast_k)
-        outputs = [*_BASE_OUTPUTS, *(["SCORES"] if names else [])]
+        outputs = [
+            *_BASE_OUTPUTS,
+            *(["SCORES"] if names else []),
+            *(["TRUST_PROB"] if trust_prob else []),
+        ]
         results: list[Prediction] = []
         for arrays in self._run(images, info, outputs, params):
             base = _base_fields(arrays)
             table = _rows(arrays, "SCORES", len(names)) if names else None
+            probs = _rows(arrays, "TRUST_PROB", 1) if trust_prob else None
             for i, (label, class_id, confidence, gradtrust) in enumerate(base):
                 row = None if table is None else dict(zip(names, map(float, table[i]), strict=True))
-                results.append(Prediction(label, class_id, confidence, gradtrust, row))
+                prob = None if probs is None else float(probs[i, 0])
+                results.append(Prediction(label, class_id, confidence, gradtrust, row, prob))
         return results
 
     def explain(

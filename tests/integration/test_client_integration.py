@@ -156,7 +156,9 @@ def test_cli_prints_valid_json_when_predicting_over_grpc(triton_server, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [row["file"] for row in rows] == [str(p) for p in EXAMPLE_DIGITS]
     for row in rows:
-        assert set(row) == {"file", "label", "class_id", "confidence", "gradtrust", "scores"}
+        fields = {"file", "label", "class_id", "confidence", "gradtrust", "scores", "trust_prob"}
+        assert set(row) == fields
+        assert row["trust_prob"] is None  # not asked for
         assert list(row["scores"]) == ["msp", "margin"]
         assert 1.0 <= row["gradtrust"] <= 10.0
 
@@ -187,3 +189,26 @@ def test_cli_entry_point_runs_as_installed_script_when_called_from_shell(triton_
     )
     assert result.returncode == 0, result.stderr
     assert str(EXAMPLE_DIGITS[0]) in result.stdout
+
+
+def test_trust_client_returns_calibrated_trust_prob_when_asked(client, digits):
+    from gradtrust.evaluation.calibration import load_model_calibration
+    from tests.conftest import DEMO_MODEL, MODEL_REPOSITORY
+
+    calibration = load_model_calibration(MODEL_REPOSITORY / DEMO_MODEL)
+    assert calibration is not None
+    predictions = client.predict(digits[0][:8], trust_prob=True)
+    got = np.array([p.trust_prob for p in predictions])
+    want = calibration.apply(np.array([p.gradtrust for p in predictions]))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert client.predict(digits[0][:1])[0].trust_prob is None
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_trust_client_says_to_calibrate_when_uncalibrated_model_is_asked_for_trust_prob(
+    bare_demo_server, digits, protocol
+):
+    url = bare_demo_server.http_url if protocol == "http" else bare_demo_server.grpc_url
+    with TrustClient(url, protocol=protocol) as bare, pytest.raises(InvalidRequestError) as info:
+        bare.predict(digits[0][:1], trust_prob=True)
+    assert "gradtrust calibrate" in str(info.value)
