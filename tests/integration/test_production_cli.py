@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from gradtrust.serve import ADMIN_HEADER, ADMIN_KEY_ENV, Ports, free_port, start_server
 from tests.conftest import DEMO_MODEL, MODEL_REPOSITORY
-from tests.integration.triton_io import PROTOCOLS, infer
+from tests.integration.triton_io import PROTOCOLS, infer, read_until_ready
 
 pytestmark = pytest.mark.integration
 
@@ -48,18 +47,8 @@ def test_serve_production_refuses_to_start_when_admin_key_is_not_set():
 def test_serve_production_guards_management_apis_and_stops_cleanly_when_signalled():
     http = free_port()
     proc = _serve({**os.environ, ADMIN_KEY_ENV: KEY}, http)
-    lines: list[str] = []
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("stop: Ctrl-C"):
-                break
-        text = "".join(lines)
+        text = read_until_ready(proc)
         assert f"ready: {DEMO_MODEL}" in text and "(production configuration)" in text, text
         assert KEY not in text
         index = f"http://127.0.0.1:{http}/v2/repository/index"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
 from gradtrust.serve import free_port
 from tests.conftest import MODEL_REPOSITORY
+from tests.integration.triton_io import read_until_ready
 
 pytestmark = pytest.mark.integration
 
@@ -31,18 +31,8 @@ def _serve(tmp_path) -> tuple[subprocess.Popen[str], int]:
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_serve_prints_endpoints_and_stops_cleanly_when_signalled(tmp_path, stop_signal):
     proc, http = _serve(tmp_path)
-    lines: list[str] = []
     try:
-        deadline = time.monotonic() + 120
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("stop: Ctrl-C"):
-                break
-        text = "".join(lines)
+        text = read_until_ready(proc)
         assert "ready: gradtrust_mnist" in text, text
         assert f"http://127.0.0.1:{http}" in text
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5) as r:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,3 +41,19 @@ def infer(
         return {name: result.as_numpy(name) for name in outputs}
     finally:
         client.close()
+
+
+def read_until_ready(proc: subprocess.Popen[str], timeout_s: float = 120) -> str:
+    """What `gradtrust serve` printed up to its "stop: Ctrl-C" line (or until it exits)."""
+    if proc.stdout is None:
+        raise ValueError("start the process with stdout=subprocess.PIPE")
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("stop: Ctrl-C"):
+            break
+    return "".join(lines)
