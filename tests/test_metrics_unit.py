@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+import time
 import weakref
 from typing import Any
 
@@ -21,8 +23,10 @@ from gradtrust.metrics import (
     METRIC_NAMES,
     NORMALIZED_TRUST_BUCKETS,
     SECONDS_BUCKETS,
+    HistogramCounts,
     TrustMetrics,
     cumulative_bucket_counts,
+    le_label,
     low_trust_mask,
     normalize_trust,
     summarize_batch,
@@ -52,7 +56,7 @@ class _FakeMetric:
             raise RuntimeError("MetricFamily deleted before its Metric")
         if self.pb.fail:
             raise RuntimeError("stub IPC failed")
-        self.pb.log.append((self.name, op, value))
+        self.pb.log.append((self.name, op, value, self.labels))
 
     def __del__(self) -> None:
         self.pb.live_metrics -= 1
@@ -79,7 +83,7 @@ class _FakePbUtils:
 
     def __init__(self) -> None:
         self.families: dict[str, dict[str, Any]] = {}
-        self.log: list[tuple[str, str, float]] = []
+        self.log: list[tuple[str, str, float, dict[str, str]]] = []
         self.live_metrics = 0
         self.order_errors = 0
         self.fail = False
@@ -92,15 +96,41 @@ class _FakePbUtils:
         self.MetricFamily = MetricFamily
 
     def calls(self, name: str) -> list[tuple[str, float]]:
-        return [(op, v) for n, op, v in self.log if n == name]
+        return [(op, v) for n, op, v, _ in self.log if n == name]
 
-    def observed(self, name: str) -> list[float]:
-        return [v for op, v in self.calls(name) if op == "observe"]
+    def total(self, name: str, **labels: str) -> float:
+        """What a scrape would show: the sum of all increments of a series so far."""
+        want = set(labels.items())
+        return sum(v for n, _, v, got in self.log if n == name and want <= set(got.items()))
+
+    def buckets(self, name: str) -> dict[float, float]:
+        """``{le: cumulative count}`` of one exported histogram, as a scrape would show it."""
+        edges = [m["labels"]["le"] for m in self.families[f"{name}_bucket"]["metrics"]]
+        return {_le(le): self.total(f"{name}_bucket", le=le) for le in edges}
+
+
+def _le(label: str) -> float:
+    return math.inf if label == "+Inf" else float(label)
 
 
 def _metrics(num_classes: int = 10, threshold: float = 5.0) -> tuple[_FakePbUtils, TrustMetrics]:
+    """Metrics without the background thread: tests flush when they want to look."""
     pb = _FakePbUtils()
-    return pb, TrustMetrics(pb, "mnist", "1", num_classes, threshold)
+    return pb, TrustMetrics(pb, "mnist", "1", num_classes, threshold, flush_seconds=None)
+
+
+HISTOGRAMS = (
+    "gradtrust_trust",
+    "gradtrust_trust_normalized",
+    "gradtrust_confidence",
+    "gradtrust_trust_compute_seconds",
+    "gradtrust_heatmap_compute_seconds",
+)
+COUNTERS = (
+    "gradtrust_predictions_total",
+    "gradtrust_low_trust_predictions_total",
+    "gradtrust_invalid_requests_total",
+)
 
 
 # --- pure functions ----------------------------------------------------------------------
@@ -219,62 +249,142 @@ def test_summarize_batch_counts_each_sample_alone_when_other_samples_join_the_ba
     assert together.trust_values[1] == alone.trust_values[0]
 
 
+# --- HistogramCounts: a histogram accumulated in process -----------------------------------
+
+
+@given(arrays(np.float64, st.integers(0, 200), elements=st.floats(-1.0, 12.0)))
+def test_histogram_counts_match_prometheus_le_semantics_when_values_are_added(values):
+    edges = (1.0, 2.0, 5.0, 10.0)
+    h = HistogramCounts(edges)
+    h.add(values[: len(values) // 2])
+    h.add(values[len(values) // 2 :])
+    expected = cumulative_bucket_counts(values, edges)
+    assert dict(zip([*edges, math.inf], h.cumulative().tolist(), strict=True)) == expected
+    assert h.count == values.size
+    assert math.isclose(h.total, float(values.sum()), abs_tol=1e-9)
+
+
+def test_histogram_counts_start_again_from_zero_when_taken():
+    h = HistogramCounts((1.0, 2.0))
+    h.add([0.5, 1.5, 3.0])
+    taken = h.take()
+    assert taken.cumulative().tolist() == [1, 2, 3] and taken.total == 5.0
+    assert h.count == 0 and h.total == 0.0
+    h.add([1.0])
+    assert taken.cumulative().tolist() == [1, 2, 3]  # the taken counts are not shared
+
+
+@pytest.mark.parametrize("edges", [(), (2.0, 1.0), (1.0, 1.0), (1.0, math.nan), (1.0, math.inf)])
+def test_histogram_counts_reject_edges_when_not_finite_and_strictly_increasing(edges):
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        HistogramCounts(edges)
+
+
+@pytest.mark.parametrize(
+    "edge,label", [(math.inf, "+Inf"), (1.0, "1"), (0.1, "0.1"), (8.24, "8.24"), (1000.0, "1000")]
+)
+def test_le_label_writes_edges_as_prometheus_histograms_do_when_formatted(edge, label):
+    assert le_label(edge) == label
+
+
 # --- TrustMetrics against the fake backend API --------------------------------------------
 
 
-def test_trust_metrics_create_every_family_with_model_and_version_labels_when_constructed():
+def test_trust_metrics_export_each_histogram_as_bucket_sum_and_count_counters_when_constructed():
     pb, _ = _metrics()
-    assert set(pb.families) == set(METRIC_NAMES)
-    for fam in pb.families.values():
-        assert [m["labels"] for m in fam["metrics"]] == [{"model": "mnist", "version": "1"}]
-        assert set(fam["metrics"][0]["labels"]) == set(LABELS)
-        assert fam["description"]
-
-
-def test_trust_metrics_follow_prometheus_naming_when_families_are_created():
-    pb, _ = _metrics()
+    expected = {f"{h}{part}" for h in HISTOGRAMS for part in ("_bucket", "_sum", "_count")}
+    assert set(pb.families) == expected | set(COUNTERS)
+    assert set(METRIC_NAMES) == set(HISTOGRAMS) | set(COUNTERS)
     for name, fam in pb.families.items():
         assert re.fullmatch(r"gradtrust_[a-z_]+", name)
-        if fam["kind"] == _FakeFamily.COUNTER:
-            assert name.endswith("_total")
-        else:
-            assert fam["kind"] == _FakeFamily.HISTOGRAM
-            assert not name.endswith("_total")
-    assert pb.families["gradtrust_trust_compute_seconds"]["kind"] == _FakeFamily.HISTOGRAM
+        assert fam["kind"] == _FakeFamily.COUNTER, name
+        assert fam["description"]
+        for metric in fam["metrics"]:
+            assert {k: v for k, v in metric["labels"].items() if k != "le"} == {
+                "model": "mnist",
+                "version": "1",
+            }
+            assert ("le" in metric["labels"]) == name.endswith("_bucket")
+    assert set(LABELS) == {"model", "version"}
 
 
-def test_trust_metrics_use_class_count_buckets_for_raw_trust_when_constructed():
+def test_trust_metrics_put_class_count_edges_and_the_threshold_on_raw_trust_when_constructed():
     pb, _ = _metrics(num_classes=10, threshold=4.5)
-    buckets = pb.families["gradtrust_trust"]["metrics"][0]["buckets"]
-    assert buckets == list(trust_buckets(10, threshold=4.5))
-    normalized = pb.families["gradtrust_trust_normalized"]["metrics"][0]["buckets"]
-    assert normalized == list(NORMALIZED_TRUST_BUCKETS)
+    les = [m["labels"]["le"] for m in pb.families["gradtrust_trust_bucket"]["metrics"]]
+    assert les == [le_label(e) for e in trust_buckets(10, threshold=4.5)] + ["+Inf"]
+    les = [m["labels"]["le"] for m in pb.families["gradtrust_trust_normalized_bucket"]["metrics"]]
+    assert les == [le_label(e) for e in NORMALIZED_TRUST_BUCKETS] + ["+Inf"]
 
 
-def test_observe_batch_updates_counters_once_and_histograms_per_sample_when_batch_arrives():
+def test_observe_batch_sends_nothing_to_the_server_until_the_next_flush_when_a_batch_arrives():
+    pb, tm = _metrics()
+    tm.observe_batch([9.5, 2.0], [0.99, 0.4], trust_seconds=0.002)
+    tm.count_invalid(1)
+    tm.observe_heatmap(0.01)
+    assert pb.log == []
+
+
+def test_flush_publishes_what_a_histogram_per_prediction_would_show_when_batches_were_observed():
     pb, tm = _metrics(threshold=5.0)
-    g = np.array([9.5, 2.0, 10.0, 4.0])
-    p = np.array([0.99, 0.4, 1.0, 0.6])
-    tm.observe_batch(g, p, trust_seconds=0.002)
-    assert pb.calls("gradtrust_predictions_total") == [("increment", 4.0)]
-    assert pb.calls("gradtrust_low_trust_predictions_total") == [("increment", 2.0)]
-    assert pb.observed("gradtrust_trust") == g.tolist()
-    np.testing.assert_allclose(pb.observed("gradtrust_trust_normalized"), (g - 1) / 9)
-    assert pb.observed("gradtrust_confidence") == p.tolist()
-    assert pb.observed("gradtrust_trust_compute_seconds") == [0.002]
-    # 2 counter increments + 3 observations per sample + 1 timing observation.
-    assert len(pb.log) == 2 + 3 * 4 + 1
+    g = np.array([9.5, 2.0, 10.0, 4.0, 1.0])
+    p = np.array([0.99, 0.4, 1.0, 0.6, 0.1])
+    tm.observe_batch(g[:2], p[:2], trust_seconds=0.002)
+    tm.observe_batch(g[2:], p[2:], trust_seconds=0.004)
+    tm.flush()
+    assert pb.total("gradtrust_predictions_total") == 5
+    assert pb.total("gradtrust_low_trust_predictions_total") == 3
+    edges = trust_buckets(10, threshold=5.0)
+    assert pb.buckets("gradtrust_trust") == cumulative_bucket_counts(g, edges)
+    normalized = normalize_trust(g, 10)
+    assert pb.buckets("gradtrust_trust_normalized") == cumulative_bucket_counts(
+        normalized, NORMALIZED_TRUST_BUCKETS
+    )
+    assert pb.buckets("gradtrust_confidence") == cumulative_bucket_counts(p, CONFIDENCE_BUCKETS)
+    assert pb.total("gradtrust_trust_sum") == pytest.approx(g.sum())
+    assert pb.total("gradtrust_trust_normalized_sum") == pytest.approx(normalized.sum())
+    assert pb.total("gradtrust_confidence_sum") == pytest.approx(p.sum())
+    for name in ("gradtrust_trust", "gradtrust_trust_normalized", "gradtrust_confidence"):
+        assert pb.total(f"{name}_count") == 5
+    # One timing per batch.
+    assert pb.total("gradtrust_trust_compute_seconds_count") == 2
+    assert pb.total("gradtrust_trust_compute_seconds_sum") == pytest.approx(0.006)
 
 
-def test_observe_batch_sends_plain_floats_when_given_float32_arrays():
+def test_flush_costs_at_most_one_call_per_series_when_many_predictions_are_pending():
+    pb, tm = _metrics()
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        tm.observe_batch(rng.uniform(1, 10, 64), rng.uniform(0.1, 1, 64), 0.001)
+    calls = tm.flush()
+    series = sum(len(f["metrics"]) for f in pb.families.values())
+    assert calls == len(pb.log) <= series < 6400
+    assert pb.total("gradtrust_predictions_total") == 6400
+
+
+def test_flush_sends_only_what_is_new_when_called_again():
+    pb, tm = _metrics()
+    tm.observe_batch([9.0], [0.9], 0.001)
+    tm.flush()
+    assert tm.flush() == 0
+    tm.observe_batch([2.0, 3.0], [0.3, 0.4], 0.001)
+    tm.flush()
+    assert pb.total("gradtrust_predictions_total") == 3
+    assert pb.buckets("gradtrust_trust") == cumulative_bucket_counts(
+        [9.0, 2.0, 3.0], trust_buckets(10, threshold=5.0)
+    )
+
+
+def test_flush_sends_plain_floats_when_given_float32_arrays():
     pb, tm = _metrics()
     tm.observe_batch(np.array([9.0], np.float32), np.array([0.9], np.float32), 0.001)
-    assert all(type(v) is float for _, v in pb.calls("gradtrust_trust"))
+    tm.flush()
+    assert pb.log and all(type(v) is float for _, _, v, _ in pb.log)
 
 
-def test_observe_batch_skips_the_low_trust_counter_when_no_prediction_is_low():
+def test_flush_skips_the_low_trust_counter_when_no_prediction_is_low():
     pb, tm = _metrics(threshold=2.0)
     tm.observe_batch([9.0, 8.0], [0.9, 0.8], 0.001)
+    tm.flush()
     assert pb.calls("gradtrust_low_trust_predictions_total") == []
 
 
@@ -282,7 +392,7 @@ def test_observe_batch_records_nothing_when_the_batch_is_empty():
     pb, tm = _metrics()
     summary = tm.observe_batch(np.array([]), np.array([]), 0.0)
     assert summary.predictions == 0
-    assert pb.log == []
+    assert tm.flush() == 0 and pb.log == []
 
 
 @pytest.mark.parametrize("seconds", [-1.0, math.nan, math.inf])
@@ -292,17 +402,22 @@ def test_observe_batch_rejects_the_duration_when_not_finite_and_non_negative(sec
         tm.observe_batch([9.0], [0.9], seconds)
 
 
-def test_observe_heatmap_observes_one_duration_per_batch_when_called():
+def test_observe_heatmap_records_one_duration_per_batch_when_called():
     pb, tm = _metrics()
     tm.observe_heatmap(0.25)
-    assert pb.calls("gradtrust_heatmap_compute_seconds") == [("observe", 0.25)]
+    tm.flush()
+    assert pb.total("gradtrust_heatmap_compute_seconds_count") == 1
+    assert pb.total("gradtrust_heatmap_compute_seconds_sum") == 0.25
+    assert pb.buckets("gradtrust_heatmap_compute_seconds")[0.25] == 1
 
 
-def test_count_invalid_increments_by_n_and_rejects_negative_counts_when_called():
+def test_count_invalid_adds_n_and_rejects_negative_counts_when_called():
     pb, tm = _metrics()
     tm.count_invalid(3)
     tm.count_invalid(0)
-    assert pb.calls("gradtrust_invalid_requests_total") == [("increment", 3.0)]
+    tm.count_invalid(2)
+    tm.flush()
+    assert pb.calls("gradtrust_invalid_requests_total") == [("increment", 5.0)]
     with pytest.raises(InvalidInputError):
         tm.count_invalid(-1)
 
@@ -310,7 +425,13 @@ def test_count_invalid_increments_by_n_and_rejects_negative_counts_when_called()
 @pytest.mark.parametrize("threshold", [11.0, math.nan, math.inf])
 def test_trust_metrics_reject_the_threshold_when_above_num_classes_or_not_finite(threshold):
     with pytest.raises(ConfigError, match="low_trust_threshold"):
-        TrustMetrics(_FakePbUtils(), "m", "1", 10, threshold)
+        TrustMetrics(_FakePbUtils(), "m", "1", 10, threshold, flush_seconds=None)
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, math.nan, math.inf])
+def test_trust_metrics_reject_the_flush_interval_when_not_a_positive_duration(seconds):
+    with pytest.raises(ConfigError, match="flush_seconds"):
+        TrustMetrics(_FakePbUtils(), "m", "1", 10, 5.0, flush_seconds=seconds)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0])
@@ -318,8 +439,10 @@ def test_trust_metrics_count_no_low_trust_when_threshold_is_one_or_less(threshol
     # GradTrust is never below 1, so such a threshold turns low-trust counting off.
     pb, tm = _metrics(threshold=threshold)
     tm.observe_batch([1.0, 1.5, 9.0], [0.3, 0.5, 0.9], 0.001)
+    tm.flush()
     assert pb.calls("gradtrust_low_trust_predictions_total") == []
-    assert pb.families["gradtrust_trust"]["metrics"][0]["buckets"] == list(trust_buckets(10))
+    les = [m["labels"]["le"] for m in pb.families["gradtrust_trust_bucket"]["metrics"]]
+    assert les == [le_label(e) for e in trust_buckets(10)] + ["+Inf"]
 
 
 def test_trust_metrics_keep_serving_and_count_failures_when_the_backend_call_fails(caplog):
@@ -327,17 +450,63 @@ def test_trust_metrics_keep_serving_and_count_failures_when_the_backend_call_fai
     pb.fail = True
     summary = tm.observe_batch([9.0, 2.0], [0.9, 0.5], 0.001)
     assert summary.predictions == 2
-    assert tm.failures == 2 + 3 * 2 + 1
+    calls = tm.flush()
+    assert calls > 0 and tm.failures == calls
     assert "metric update failed" in caplog.text
 
 
-def test_close_releases_metrics_before_their_families_when_the_model_is_finalized():
+def test_close_publishes_what_is_pending_then_releases_metrics_before_families_when_finalized():
     pb, tm = _metrics()
     tm.observe_batch([9.0], [0.9], 0.001)
     tm.close()
+    assert pb.total("gradtrust_predictions_total") == 1
     assert pb.live_metrics == 0
     assert pb.order_errors == 0
     tm.close()  # idempotent
     tm.observe_batch([9.0], [0.9], 0.001)  # a late batch is ignored, not an error
     tm.observe_heatmap(0.1)
     tm.count_invalid(1)
+    assert tm.flush() == 0
+    assert pb.total("gradtrust_predictions_total") == 1
+
+
+def _wait(condition: Any, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_the_background_thread_publishes_within_the_flush_interval_when_batches_arrive():
+    pb = _FakePbUtils()
+    tm = TrustMetrics(pb, "mnist", "1", 10, 5.0, flush_seconds=0.05)
+    try:
+        tm.observe_batch([9.0, 2.0], [0.9, 0.5], 0.001)
+        assert _wait(lambda: pb.total("gradtrust_predictions_total") == 2)
+        tm.observe_batch([3.0], [0.5], 0.001)
+        assert _wait(lambda: pb.total("gradtrust_predictions_total") == 3)
+    finally:
+        tm.close()
+    assert not any(t.name.startswith("gradtrust-metrics") for t in threading.enumerate())
+
+
+def test_every_prediction_is_published_exactly_once_when_batches_race_the_flush_thread():
+    pb = _FakePbUtils()
+    tm = TrustMetrics(pb, "mnist", "1", 10, 5.0, flush_seconds=0.001)
+
+    def serve() -> None:
+        for _ in range(200):
+            tm.observe_batch([9.0, 2.0, 4.0], [0.9, 0.5, 0.6], 0.001)
+
+    workers = [threading.Thread(target=serve) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    tm.close()
+    assert pb.total("gradtrust_predictions_total") == 2400
+    assert pb.total("gradtrust_low_trust_predictions_total") == 1600
+    assert pb.buckets("gradtrust_trust")[math.inf] == 2400
+    assert pb.total("gradtrust_trust_compute_seconds_count") == 800

@@ -9,6 +9,7 @@ and gRPC.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ REQUEST_PARAMETERS: tuple[str, ...] = ("scores", "contrast_k", "heatmap_method",
 #: Default input limits (config parameters max_request_bytes and max_image_pixels).
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+#: Default seconds between metric flushes (config parameter metrics_flush_seconds).
+DEFAULT_METRICS_FLUSH_SECONDS = 1.0
 
 
 def parse_score_names(text: str | Sequence[str], where: str) -> tuple[str, ...]:
@@ -91,13 +94,16 @@ class ModelSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     #: Largest height x width of one IMAGE (variable-size inputs).
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    #: Seconds between flushes of the aggregated gradtrust_* metrics to Triton's endpoint:
+    #: the cost of monitoring is then per flush, not per prediction (gradtrust.metrics).
+    metrics_flush_seconds: float = DEFAULT_METRICS_FLUSH_SECONDS
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], labels: Sequence[str]) -> ModelSettings:
         """Validate config parameters; raises :class:`ConfigError` naming the bad key."""
         known = {"scores", "contrast_k", "low_trust_threshold", "pixel_range", "onnx_file"}
         known |= {*IMAGE_PARAMETERS, *BLS_PARAMETERS}  # read by gradtrust.preprocess, .bls
-        known |= {"max_request_bytes", "max_image_pixels"}
+        known |= {"max_request_bytes", "max_image_pixels", "metrics_flush_seconds"}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ConfigError(f"unknown config parameter(s) {unknown}; known: {sorted(known)}")
@@ -117,6 +123,16 @@ class ModelSettings:
                 1,
             )
             threshold = float(params.get("low_trust_threshold", "0"))
+            flush_text = params.get("metrics_flush_seconds", str(DEFAULT_METRICS_FLUSH_SECONDS))
+            try:
+                flush = float(flush_text)
+            except ValueError:
+                flush = math.nan
+            if not 0.0 < flush <= 60.0:
+                raise ValueError(
+                    f"metrics_flush_seconds must be in (0, 60], got {flush_text!r}: metrics reach "
+                    "the endpoint that many seconds after the predictions they count"
+                )
             lo = hi = None
             if params.get("pixel_range", "").strip():
                 lo, hi = (float(v) for v in params["pixel_range"].split(","))
@@ -135,6 +151,7 @@ class ModelSettings:
             hi,
             max_request_bytes=max_bytes,
             max_image_pixels=max_pixels,
+            metrics_flush_seconds=flush,
         )
 
 

@@ -16,19 +16,22 @@ Everything above :class:`TrustMetrics` is pure numpy, so it is unit-tested witho
 Triton. :class:`TrustMetrics` takes the ``triton_python_backend_utils`` module as an
 argument instead of importing it, for the same reason.
 
-Cost: every metric call is a message from the Python backend stub to the server.
-The Python backend has no bulk ``observe``, so a batch of ``n`` predictions costs
-``3 n`` histogram observations plus a constant handful of counter increments, all
-made from the single :meth:`TrustMetrics.observe_batch` call per batch.
+Cost: every metric call is a message from the Python backend stub to the server, and
+the Python backend has no bulk ``observe``: histograms of the backend's own kind cost
+one message per prediction per histogram, which measurably cut serving throughput
+(docs/BENCHMARKS.md). So :class:`TrustMetrics` counts in process (:class:`HistogramCounts`)
+and publishes the counts once a second as the counters a Prometheus histogram consists
+of (``_bucket{le}``, ``_sum``, ``_count``): the cost is per flush, not per prediction.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -42,8 +45,10 @@ __all__ = [
     "NORMALIZED_TRUST_BUCKETS",
     "SECONDS_BUCKETS",
     "BatchSummary",
+    "HistogramCounts",
     "TrustMetrics",
     "cumulative_bucket_counts",
+    "le_label",
     "low_trust_mask",
     "normalize_trust",
     "summarize_batch",
@@ -234,12 +239,113 @@ def _check_seconds(seconds: float, what: str) -> float:
     return value
 
 
-class TrustMetrics:
-    """The gradtrust_* metric families of one served model version, for the Python backend.
+def le_label(edge: float) -> str:
+    """An upper edge as the ``le`` label writes it: ``+Inf``, else up to 16 significant digits
+    without trailing zeros (``1``, ``0.1``, ``8.24``), as Triton's own histograms print it."""
+    return "+Inf" if math.isinf(edge) and edge > 0 else f"{float(edge):.16g}"
 
-    Create it once in ``initialize`` and :meth:`close` it in ``finalize``. Metric calls are
-    best effort: a failed call is logged and counted in :attr:`failures`, never raised,
-    because losing a sample of monitoring must not fail a prediction.
+
+class HistogramCounts:
+    """The state of a Prometheus classic histogram, accumulated in this process.
+
+    Adding a batch is two numpy calls, whatever its size; :meth:`take` hands the counts
+    over (and starts afresh), so they can be sent to Triton as a few counter increments
+    per flush instead of one message per observation.
+    """
+
+    def __init__(self, edges: Sequence[float]) -> None:
+        e = np.asarray(edges, dtype=np.float64)
+        if e.ndim != 1 or e.size == 0 or not np.isfinite(e).all() or np.any(np.diff(e) <= 0):
+            raise ConfigError(
+                f"histogram edges must be finite and strictly increasing, got {list(edges)!r}"
+            )
+        self.edges = e
+        #: Observations per bucket, not cumulative; the last one is (largest edge, +Inf].
+        self.buckets = np.zeros(e.size + 1, dtype=np.int64)
+        self.total = 0.0
+
+    @property
+    def count(self) -> int:
+        return int(self.buckets.sum())
+
+    def add(self, values: npt.ArrayLike) -> None:
+        """Observe finite values (the caller drops non-finite ones: a NaN would poison ``_sum``)."""
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if v.size == 0:
+            return
+        # Bucket i holds edges[i-1] < v <= edges[i]: the first edge >= v.
+        self.buckets += np.bincount(
+            np.searchsorted(self.edges, v, side="left"), minlength=self.buckets.size
+        )
+        self.total += float(v.sum())
+
+    def cumulative(self) -> npt.NDArray[np.int64]:
+        """Counts at or below each edge, then the ``+Inf`` bucket (= :attr:`count`)."""
+        return np.cumsum(self.buckets)
+
+    def take(self) -> HistogramCounts:
+        """Everything added so far, as a new object; this one starts again from zero."""
+        taken = HistogramCounts.__new__(HistogramCounts)
+        taken.edges, taken.buckets, taken.total = self.edges, self.buckets, self.total
+        self.buckets = np.zeros_like(taken.buckets)
+        self.total = 0.0
+        return taken
+
+
+class _ExportedHistogram:
+    """One histogram as Triton counters ``<name>_bucket{le=...}``, ``<name>_sum``, ``<name>_count``.
+
+    These are exactly the series a Prometheus classic histogram exposes, so PromQL
+    (``histogram_quantile``, ``rate(..._sum) / rate(..._count)``) reads them unchanged; only
+    the ``# TYPE`` lines say counter. Counters rather than the backend's histogram kind
+    because those take one value per message, and these take a whole flush's counts.
+    """
+
+    def __init__(
+        self,
+        counter: Any,
+        name: str,
+        description: str,
+        edges: Sequence[float],
+        labels: dict[str, str],
+    ) -> None:
+        self.pending = HistogramCounts(edges)
+        bucket = counter(f"{name}_bucket", f"{description} (histogram bucket: observations <= le)")
+        self.buckets = [
+            bucket.Metric(labels={**labels, "le": le_label(le)})
+            for le in (*self.pending.edges.tolist(), math.inf)
+        ]
+        self.sum = counter(f"{name}_sum", f"{description} (histogram sum)").Metric(labels=labels)
+        self.count = counter(f"{name}_count", f"{description} (histogram count)").Metric(
+            labels=labels
+        )
+
+    def updates(self, taken: HistogramCounts) -> list[tuple[Any, float]]:
+        """The counter increments that publish ``taken`` (none for an empty one)."""
+        if taken.count == 0:
+            return []
+        calls = [
+            (metric.increment, float(n))
+            for metric, n in zip(self.buckets, taken.cumulative().tolist(), strict=True)
+            if n
+        ]
+        return [
+            *calls,
+            (self.sum.increment, taken.total),
+            (self.count.increment, float(taken.count)),
+        ]
+
+
+class TrustMetrics:
+    """The gradtrust_* metrics of one served model version, for the Python backend.
+
+    Create it once in ``initialize`` and :meth:`close` it in ``finalize``. Recording a
+    batch only adds to in-process counts (microseconds, no message to the server); a
+    background thread publishes them every ``flush_seconds``, so monitoring costs a few
+    dozen backend calls per second however many predictions are served, and the endpoint
+    lags the predictions by at most that interval. Publishing is best effort: a failed
+    call is logged and counted in :attr:`failures`, never raised, because losing a sample
+    of monitoring must not fail a prediction.
     """
 
     def __init__(
@@ -249,57 +355,74 @@ class TrustMetrics:
         version: str,
         num_classes: int,
         low_trust_threshold: float,
+        flush_seconds: float | None = 1.0,
     ) -> None:
         _check_num_classes(num_classes)
         self.num_classes = int(num_classes)
         self.low_trust_threshold = _check_threshold(low_trust_threshold, self.num_classes)
+        if flush_seconds is not None and not (math.isfinite(flush_seconds) and flush_seconds > 0):
+            raise ConfigError(
+                f"flush_seconds must be a positive number of seconds or None, got {flush_seconds!r}"
+            )
+        self.flush_seconds = flush_seconds
         self.labels = {"model": str(model), "version": str(version)}
         self.failures = 0
         self._closed = False
+        self._lock = threading.Lock()  # guards the pending counts
+        self._flush_lock = threading.Lock()  # one flush at a time
         family = pb_utils.MetricFamily
         self._families: list[Any] = []
-        self._metrics: list[Any] = []
-
-        def histogram(name: str, description: str, buckets: Sequence[float]) -> Any:
-            fam = family(name=name, description=description, kind=family.HISTOGRAM)
-            self._families.append(fam)
-            metric = fam.Metric(labels=self.labels, buckets=[float(b) for b in buckets])
-            self._metrics.append(metric)
-            return metric
 
         def counter(name: str, description: str) -> Any:
             fam = family(name=name, description=description, kind=family.COUNTER)
             self._families.append(fam)
-            metric = fam.Metric(labels=self.labels)
-            self._metrics.append(metric)
-            return metric
+            return fam
 
-        self._trust = histogram(
-            TRUST,
-            "GradTrust of each prediction, in [1, number of classes]; higher = more trust",
-            trust_buckets(self.num_classes, threshold=self.low_trust_threshold),
-        )
-        self._normalized = histogram(
-            TRUST_NORMALIZED,
-            "GradTrust of each prediction rescaled to [0, 1] as (g-1)/(C-1); higher = more trust",
-            NORMALIZED_TRUST_BUCKETS,
-        )
-        self._confidence = histogram(
-            CONFIDENCE, "Softmax confidence (top-class probability) of each prediction",
-            CONFIDENCE_BUCKETS,
-        )  # fmt: skip
-        self._predictions = counter(PREDICTIONS, "Predictions served with a trust score")
-        self._low_trust = counter(
-            LOW_TRUST, "Predictions whose GradTrust was below the model's low_trust_threshold"
-        )
-        self._trust_seconds = histogram(
-            TRUST_SECONDS, "Seconds spent computing trust scores, per batch", SECONDS_BUCKETS
-        )
-        self._heatmap_seconds = histogram(
-            HEATMAP_SECONDS, "Seconds spent computing explanation heatmaps, per batch",
-            SECONDS_BUCKETS,
-        )  # fmt: skip
-        self._invalid = counter(INVALID, "Requests rejected as invalid input")
+        def histogram(name: str, description: str, edges: Sequence[float]) -> _ExportedHistogram:
+            return _ExportedHistogram(counter, name, description, edges, self.labels)
+
+        self._histograms: dict[str, _ExportedHistogram] = {
+            TRUST: histogram(
+                TRUST,
+                "GradTrust of each prediction, in [1, number of classes]; higher = more trust",
+                trust_buckets(self.num_classes, threshold=self.low_trust_threshold),
+            ),
+            TRUST_NORMALIZED: histogram(
+                TRUST_NORMALIZED,
+                "GradTrust of each prediction rescaled to [0, 1] as (g-1)/(C-1); "
+                "higher = more trust",
+                NORMALIZED_TRUST_BUCKETS,
+            ),
+            CONFIDENCE: histogram(
+                CONFIDENCE,
+                "Softmax confidence (top-class probability) of each prediction",
+                CONFIDENCE_BUCKETS,
+            ),
+            TRUST_SECONDS: histogram(
+                TRUST_SECONDS, "Seconds spent computing trust scores, per batch", SECONDS_BUCKETS
+            ),
+            HEATMAP_SECONDS: histogram(
+                HEATMAP_SECONDS,
+                "Seconds spent computing explanation heatmaps, per batch",
+                SECONDS_BUCKETS,
+            ),
+        }
+        self._counters: dict[str, Any] = {
+            name: counter(name, description).Metric(labels=self.labels)
+            for name, description in (
+                (PREDICTIONS, "Predictions served with a trust score"),
+                (LOW_TRUST, "Predictions with GradTrust below the model's low_trust_threshold"),
+                (INVALID, "Requests rejected as invalid input"),
+            )
+        }
+        self._pending_counts = dict.fromkeys(self._counters, 0)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if flush_seconds is not None:
+            self._thread = threading.Thread(
+                target=self._flush_periodically, name=f"gradtrust-metrics-{model}", daemon=True
+            )
+            self._thread.start()
 
     def observe_batch(
         self, gradtrust: npt.ArrayLike, confidence: npt.ArrayLike, trust_seconds: float
@@ -310,44 +433,76 @@ class TrustMetrics:
         """
         seconds = _check_seconds(trust_seconds, "trust_seconds")
         summary = summarize_batch(gradtrust, confidence, self.num_classes, self.low_trust_threshold)
-        if summary.predictions == 0 or self._closed:
+        if summary.predictions == 0:
             return summary
-        self._call(self._predictions.increment, float(summary.predictions))
-        if summary.low_trust:
-            self._call(self._low_trust.increment, float(summary.low_trust))
-        for metric, values in (
-            (self._trust, summary.trust_values),
-            (self._normalized, summary.normalized_values),
-            (self._confidence, summary.confidence_values),
-        ):
-            for value in values.tolist():
-                self._call(metric.observe, value)
-        self._call(self._trust_seconds.observe, seconds)
+        with self._lock:
+            if self._closed:
+                return summary
+            self._pending_counts[PREDICTIONS] += summary.predictions
+            self._pending_counts[LOW_TRUST] += summary.low_trust
+            self._histograms[TRUST].pending.add(summary.trust_values)
+            self._histograms[TRUST_NORMALIZED].pending.add(summary.normalized_values)
+            self._histograms[CONFIDENCE].pending.add(summary.confidence_values)
+            self._histograms[TRUST_SECONDS].pending.add([seconds])
         return summary
 
     def observe_heatmap(self, seconds: float) -> None:
         """Record the seconds spent computing the heatmaps of one batch."""
         value = _check_seconds(seconds, "heatmap seconds")
-        if not self._closed:
-            self._call(self._heatmap_seconds.observe, value)
+        with self._lock:
+            if not self._closed:
+                self._histograms[HEATMAP_SECONDS].pending.add([value])
 
     def count_invalid(self, n: int = 1) -> None:
         """Count ``n`` requests rejected as invalid input."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise InvalidInputError(f"count_invalid needs a non-negative integer, got {n!r}")
-        if n and not self._closed:
-            self._call(self._invalid.increment, float(n))
+        with self._lock:
+            if not self._closed:
+                self._pending_counts[INVALID] += int(n)
+
+    def flush(self) -> int:
+        """Publish everything recorded since the last flush; returns the backend calls made.
+
+        Called by the background thread, by :meth:`close`, and by anyone who needs the
+        endpoint current now (tests, or ``flush_seconds=None``).
+        """
+        with self._flush_lock:
+            with self._lock:
+                taken = {name: h.pending.take() for name, h in self._histograms.items()}
+                counts, self._pending_counts = (
+                    self._pending_counts,
+                    dict.fromkeys(self._pending_counts, 0),
+                )
+            calls = [(self._counters[name].increment, float(n)) for name, n in counts.items() if n]
+            for name, histogram in self._histograms.items():
+                calls += histogram.updates(taken[name])
+            for method, value in calls:
+                self._call(method, value)
+            return len(calls)
 
     def close(self) -> None:
-        """Release the metrics, then their families (the backend requires that order)."""
+        """Stop the flush thread, publish what is pending, then release the metrics before
+        their families (the backend requires that order). Idempotent."""
         if self._closed:
             return
-        self._closed = True
-        self._metrics.clear()
-        self._trust = self._normalized = self._confidence = None
-        self._predictions = self._low_trust = self._invalid = None
-        self._trust_seconds = self._heatmap_seconds = None
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30.0)
+        self.flush()
+        with self._lock:
+            self._closed = True
+        self._counters.clear()
+        self._histograms.clear()
         self._families.clear()
+
+    def _flush_periodically(self) -> None:
+        interval = cast(float, self.flush_seconds)
+        while not self._stop.wait(interval):
+            try:
+                self.flush()
+            except Exception as err:  # noqa: BLE001 - the thread must outlive any one flush
+                _log.warning("gradtrust metrics flush failed: %s", err)
 
     def _call(self, method: Any, value: float) -> None:
         try:

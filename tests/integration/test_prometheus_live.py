@@ -33,7 +33,7 @@ from gradtrust.metrics import (
     trust_buckets,
 )
 from gradtrust.serve import free_port
-from tests.integration.triton_io import infer
+from tests.integration.triton_io import infer, settled
 from tests.test_deploy import (
     K8S,
     RULE_FILES,
@@ -245,7 +245,8 @@ def _inputs(digits: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
 def traffic(triton_server: Any, prometheus: Prometheus, digits: Any) -> Traffic:
     """Sends the traffic once, sequentially (so every request runs as its own batch)."""
     model = triton_server.model_name
-    current = _scrape(triton_server.metrics_url, model)
+    # Earlier tests' predictions may still be on their way to the endpoint: wait them out.
+    current = settled(lambda: _scrape(triton_server.metrics_url, model))
     # Prometheus' view must have caught up with the server before the traffic starts.
     before = _wait_for(
         "Prometheus to hold the server's current counters",
@@ -266,7 +267,8 @@ def traffic(triton_server: Any, prometheus: Prometheus, digits: Any) -> Traffic:
     with pytest.raises(InferenceServerException, match="outside"):
         infer(triton_server, "http", np.full((1, 1, 28, 28), 2.0, np.float32))
     sent.requests_invalid += 1
-    final = _scrape(triton_server.metrics_url, model)
+    # The model publishes its metrics once a second (metrics_flush_seconds), not per request.
+    final = settled(lambda: _scrape(triton_server.metrics_url, model))
     sent.after = _wait_for(
         "Prometheus to scrape the counters after the traffic",
         lambda: (v := _prometheus_values(prometheus, model)) == final and v,

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+
+from gradtrust.config import DEFAULT_METRICS_FLUSH_SECONDS
+
+T = TypeVar("T")
 
 PROTOCOLS = ("http", "grpc")
 CHEAP_OUTPUTS = ("LABEL", "CLASS_ID", "CONFIDENCE", "GRADTRUST")
@@ -57,3 +61,19 @@ def read_until_ready(proc: subprocess.Popen[str], timeout_s: float = 120) -> str
         if line.startswith("stop: Ctrl-C"):
             break
     return "".join(lines)
+
+
+def settled(read: Callable[[], T], timeout_s: float = 30.0) -> T:
+    """``read()`` once it stops changing: the model publishes its gradtrust_* metrics every
+    ``metrics_flush_seconds`` (1 s by default), so a value that held still for longer than
+    that includes every prediction answered before the call."""
+    quiet_s = DEFAULT_METRICS_FLUSH_SECONDS + 0.5
+    deadline = time.monotonic() + timeout_s
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"metrics still changing after {timeout_s:.0f} s; last read: {last}")
