@@ -59,6 +59,72 @@ def test_service_returns_error_only_for_the_bad_request_when_one_request_has_nan
     assert result.gradtrust.shape == (2,)  # metrics see only answered samples
 
 
+def test_service_rejects_only_bad_one_image_requests_when_many_share_a_batch(service, digits):
+    images = digits[0][:8].copy()
+    images[2, 0, 0, 0] = np.inf
+    images[5, 0, 9, 9] = 1.5  # outside pixel_range 0,1
+    requests = [ScoringRequest(images[i : i + 1], PLAIN) for i in range(8)]
+    result = service.run(requests)
+    assert "NaN or Inf pixels in sample(s) [0]" in str(result.answers[2])
+    assert "outside [0, 1] in sample(s) [0]" in str(result.answers[5])
+    good = [i for i in range(8) if i not in (2, 5)]
+    for i in good:
+        alone = service.run([requests[i]]).answers[0]
+        assert isinstance(result.answers[i], dict) and isinstance(alone, dict)
+        for name in (LABEL, CLASS_ID, CONFIDENCE, GRADTRUST):
+            np.testing.assert_array_equal(result.answers[i][name], alone[name])
+    assert result.gradtrust.shape == (len(good),)
+
+
+def test_service_checks_each_request_in_its_own_dtype_when_a_batch_mixes_dtypes(service, digits):
+    beyond_float32 = digits[0][:2].astype(np.float64)
+    beyond_float32[1, 0, 4, 4] = 1e300
+    as_float16 = digits[0][2:4].astype(np.float16)
+    as_uint8 = (digits[0][4:5] > 0.5).astype(np.uint8)  # 0/1 pixels: inside pixel_range
+    bad_uint8 = (digits[0][5:6] * 255).astype(np.uint8)
+    answers = service.run(
+        [
+            ScoringRequest(beyond_float32, PLAIN),
+            ScoringRequest(as_float16, PLAIN),
+            ScoringRequest(as_uint8, PLAIN),
+            ScoringRequest(bad_uint8, PLAIN),
+        ]
+    ).answers
+    assert isinstance(answers[0], InvalidInputError)
+    assert "sample(s) [1] exceed the float32 range" in str(answers[0])
+    assert isinstance(answers[1], dict) and isinstance(answers[2], dict)
+    assert isinstance(answers[3], InvalidInputError) and "divide 8-bit values by 255" in str(
+        answers[3]
+    )
+    alone = service.run([ScoringRequest(as_float16, PLAIN)]).answers[0]
+    assert isinstance(alone, dict)
+    np.testing.assert_array_equal(answers[1][GRADTRUST], alone[GRADTRUST])
+
+
+class _AnySizeClassifier:
+    """Takes (N, 1, H, W) of any H, W; logits from each image's mean (a stand-in network)."""
+
+    num_classes = 10
+    input_shape = (1, None, None)
+    has_features = False
+    has_activation = False
+
+    def run(self, images: np.ndarray, outputs) -> dict[str, np.ndarray]:
+        means = images.reshape(len(images), -1).mean(axis=1, dtype=np.float64)
+        return {"logits": means[:, None] * np.arange(10.0)[None, :]}
+
+
+def test_service_checks_pixels_of_each_request_when_their_image_sizes_differ():
+    settings = ModelSettings.from_parameters({"pixel_range": "0,1", "scores": "msp"}, LABELS)
+    service = TrustService(_AnySizeClassifier(), settings)
+    small = np.full((2, 1, 5, 5), 0.5, np.float32)
+    small[0, 0, 1, 1] = np.nan
+    large = np.full((1, 1, 7, 9), 0.25, np.float32)
+    answers = service.run([ScoringRequest(small, PLAIN), ScoringRequest(large, PLAIN)]).answers
+    assert isinstance(answers[0], InvalidInputError) and "sample(s) [0]" in str(answers[0])
+    assert isinstance(answers[1], dict) and answers[1][GRADTRUST].shape == (1, 1)
+
+
 def test_service_scores_match_score_functions_when_scores_are_requested(service, digits):
     images = digits[0][:8]
     options = RequestOptions(("msp", "gradnorm", "contrast_trust"), 2, None, None)

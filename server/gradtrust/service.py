@@ -2,16 +2,22 @@
 
 This is the whole serving logic, free of Triton: the Python backend only converts tensors
 (:mod:`gradtrust.triton_model`). Requests that Triton's dynamic batcher put together are
-validated one by one, the valid ones go through the network in a single forward pass,
-the scores are computed for the whole batch at once (each per sample), and a bad request
-gets its own error without costing the others their answers.
+validated, the valid ones go through the network in a single forward pass, the scores
+are computed for the whole batch at once (each per sample), and a bad request gets its
+own error without costing the others their answers.
+
+The dynamic batcher sends many one-image requests, so what is done per request is kept
+to slicing: pixel checks, casts and output columns are computed once per batch, and only
+the outputs a request names (and the network outputs some request needs) are computed.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import cast
 
 import numpy as np
@@ -34,13 +40,25 @@ HEATMAP = "HEATMAP"
 HEATMAP_STATS = "HEATMAP_STATS"
 TRUST_PROB = "TRUST_PROB"
 
+#: What a request that names no outputs gets, besides SCORES and HEATMAP (its options
+#: decide those); TRUST_PROB only from a calibrated model.
+DEFAULT_OUTPUTS: tuple[str, ...] = (LABEL, CLASS_ID, CONFIDENCE, GRADTRUST, TRUST_PROB)
+
 Outputs = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
 class ScoringRequest:
+    """One client request: its images, its options and the outputs it named."""
+
     images: np.ndarray
     options: RequestOptions
+    #: The outputs the client named: only those are computed and returned. None (it named
+    #: none): :data:`DEFAULT_OUTPUTS`, plus SCORES and HEATMAP as ``options`` say.
+    outputs: frozenset[str] | None = None
+
+    def wants(self, name: str) -> bool:
+        return self.outputs is None or name in self.outputs
 
 
 @dataclass
@@ -80,6 +98,13 @@ class TrustService:
         self.calibration = calibration  # GradTrust -> P(correct), from `gradtrust calibrate`
         self.head_weight = classifier.head_weight() if classifier.has_activation else None
         self._label_bytes = np.array([[label.encode()] for label in settings.labels], dtype=object)
+        # The IMAGE dims the model fixes (batch axis excluded), checked for every request.
+        self._rank = len(classifier.input_shape) + 1
+        self._fixed_dims = tuple(
+            (axis, size)
+            for axis, size in enumerate(classifier.input_shape, start=1)
+            if isinstance(size, int)
+        )
 
     @property
     def num_classes(self) -> int:
@@ -96,7 +121,7 @@ class TrustService:
         dims = [int(d) for d in shape]
         if any(d < 0 for d in dims):
             raise InvalidInputError(f"IMAGE has a negative dimension in its shape {dims}")
-        nbytes = int(np.prod(dims, dtype=np.float64)) * int(itemsize)
+        nbytes = math.prod(dims) * int(itemsize)  # Python ints: absurd dims cannot overflow
         limit = self.settings.max_request_bytes
         if nbytes > limit:
             raise InvalidInputError(
@@ -115,48 +140,68 @@ class TrustService:
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
         """Reject what the forward pass must not see; Triton has already checked shape and dtype."""
+        self._check_layout(images)
+        low, high = _extremes(images)
+        problem = self._pixel_problem(low, high, images.dtype)
+        if problem is not None:
+            raise problem
+        return images
+
+    def _check_layout(self, images: np.ndarray) -> None:
+        """Element type, size and shape: everything that needs no pixel read."""
         if not isinstance(images, np.ndarray) or images.dtype.kind not in "fiu":
             kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
             raise InvalidInputError(f"IMAGE has element type {kind}; send real-valued pixels")
-        self.check_request_size(images.shape, images.dtype.itemsize)
-        expected = self.classifier.input_shape
-        if images.ndim != len(expected) + 1 or any(
-            isinstance(e, int) and e != s for e, s in zip(expected, images.shape[1:], strict=True)
-        ):
+        shape = images.shape
+        self.check_request_size(shape, images.dtype.itemsize)
+        if len(shape) != self._rank or any(shape[axis] != size for axis, size in self._fixed_dims):
+            expected = self.classifier.input_shape
             raise InvalidInputError(
-                f"IMAGE has shape {list(images.shape)}; "
-                f"expected [batch, {', '.join(map(str, expected))}]"
+                f"IMAGE has shape {list(shape)}; expected [batch, {', '.join(map(str, expected))}]"
             )
-        if images.shape[0] == 0:
+        if shape[0] == 0:
             raise InvalidInputError("IMAGE holds an empty batch: send at least one image")
-        # Two reductions per sample instead of isfinite + two comparisons over every pixel:
-        # min/max propagate NaN, and +-inf shows up as a non-finite extreme.
-        flat = images.reshape(images.shape[0], -1)
-        low, high = flat.min(axis=1), flat.max(axis=1)
-        bad = ~(np.isfinite(low) & np.isfinite(high))
-        if bad.any():
-            raise InvalidInputError(
-                f"IMAGE has NaN or Inf pixels in sample(s) {np.flatnonzero(bad).tolist()}: "
-                "send finite pixel values"
+
+    def _pixel_checks(
+        self, low: np.ndarray, high: np.ndarray, dtype: np.dtype
+    ) -> list[tuple[np.ndarray, str]]:
+        """Per-sample masks, in the order they are reported, from each sample's min and max
+        pixel (min/max propagate NaN; +-inf shows up as a non-finite extreme), each with its
+        message ({} = the failing samples)."""
+        checks = [
+            (
+                ~(np.isfinite(low) & np.isfinite(high)),
+                "IMAGE has NaN or Inf pixels in sample(s) {}: send finite pixel values",
             )
-        if images.dtype.kind == "f" and images.dtype.itemsize > 4:
+        ]
+        if dtype.kind == "f" and dtype.itemsize > 4:
             big = float(np.finfo(np.float32).max)
-            over = (low < -big) | (high > big)
-            if over.any():
-                raise InvalidInputError(
-                    f"IMAGE pixels in sample(s) {np.flatnonzero(over).tolist()} exceed the "
-                    "float32 range the model computes in: send finite FP32 pixel values"
+            checks.append(
+                (
+                    (low < -big) | (high > big),
+                    "IMAGE pixels in sample(s) {} exceed the float32 range the model computes "
+                    "in: send finite FP32 pixel values",
                 )
+            )
         lo, hi = self.settings.pixel_min, self.settings.pixel_max
         if lo is not None and hi is not None:
-            out = (low < lo) | (high > hi)
-            if out.any():
-                raise InvalidInputError(
-                    f"IMAGE pixels outside [{lo:g}, {hi:g}] in sample(s) "
-                    f"{np.flatnonzero(out).tolist()}: "
-                    f"scale pixels to [{lo:g}, {hi:g}] (e.g. divide 8-bit values by 255)"
+            checks.append(
+                (
+                    (low < lo) | (high > hi),
+                    f"IMAGE pixels outside [{lo:g}, {hi:g}] in sample(s) {{}}: scale pixels "
+                    f"to [{lo:g}, {hi:g}] (e.g. divide 8-bit values by 255)",
                 )
-        return images
+            )
+        return checks
+
+    def _pixel_problem(
+        self, low: np.ndarray, high: np.ndarray, dtype: np.dtype
+    ) -> InvalidInputError | None:
+        """The first thing wrong with one request's pixels, if anything."""
+        for mask, message in self._pixel_checks(low, high, dtype):
+            if mask.any():
+                return InvalidInputError(message.format(np.flatnonzero(mask).tolist()))
+        return None
 
     def _check_options(self, options: RequestOptions) -> None:
         if options.heatmap_method is not None and self.head_weight is None:
@@ -171,115 +216,112 @@ class TrustService:
             )
 
     def run(self, requests: Sequence[ScoringRequest]) -> BatchResult:
+        """One answer per request, in order: its outputs, or the error that is its own."""
         answers: list[Outputs | InvalidInputError | None] = [None] * len(requests)
-        accepted: list[int] = []
+        shaped: list[int] = []
         for i, request in enumerate(requests):
             try:
-                self.check_images(request.images)
-                self._check_options(request.options)
-                accepted.append(i)
+                self._check_layout(request.images)
+                shaped.append(i)
             except InvalidInputError as err:
                 answers[i] = err
         result = BatchResult(answers=[])
-        if accepted:
-            self._score(requests, accepted, answers, result)
+        if shaped:
+            accepted, images = self._accept(requests, shaped, answers)
+            if accepted:
+                self._score([requests[i] for i in accepted], accepted, images, answers, result)
         result.answers = [
             a if a is not None else InvalidInputError("not answered") for a in answers
         ]
         return result
 
-    def _score_tables(
+    def _accept(
         self,
         requests: Sequence[ScoringRequest],
-        accepted: list[int],
-        offsets: np.ndarray,
-        finite: np.ndarray,
-        logits: np.ndarray,
-        features: np.ndarray | None,
-    ) -> dict[tuple[tuple[str, ...], int], np.ndarray | InvalidInputError]:
-        """SCORES for all requests that ask for the same scores and k, in one call per group
-        rather than one per request; a group that cannot be scored gets its error."""
-        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
-        for n, i in enumerate(accepted):
-            options = requests[i].options
-            lo, hi = int(offsets[n]), int(offsets[n + 1])
-            if options.scores and finite[lo:hi].all():
-                groups.setdefault((options.scores, options.contrast_k), []).extend(range(lo, hi))
-        tables: dict[tuple[tuple[str, ...], int], np.ndarray | InvalidInputError] = {}
-        for (names, k), rows in groups.items():
-            idx = np.asarray(rows)
+        shaped: list[int],
+        answers: list[Outputs | InvalidInputError | None],
+    ) -> tuple[list[int], np.ndarray]:
+        """Pixel checks, then options, of well-shaped requests; returns the accepted ones and
+        their images in one array. The pixels of the whole batch are checked at once; a
+        request's own message is worked out only when some of its samples fail."""
+        parts = [requests[i].images for i in shaped]
+        images: np.ndarray | None = None
+        if all(p.shape[1:] == parts[0].shape[1:] for p in parts):
+            images = _join(parts)
+            low, high = _extremes(images)
+        else:  # variable-size inputs: one array cannot hold them all
+            pairs = [_extremes(p) for p in parts]
+            low = np.concatenate([pair[0] for pair in pairs])
+            high = np.concatenate([pair[1] for pair in pairs])
+        # The batch's dtype holds every request's values: its checks cover them all.
+        checks = self._pixel_checks(low, high, low.dtype)
+        rejected = checks[0][0]
+        for mask, _ in checks[1:]:
+            rejected = rejected | mask
+        any_rejected = bool(rejected.any())
+        accepted: list[int] = []
+        start = 0
+        for i, part in zip(shaped, parts, strict=True):
+            stop = start + len(part)
             try:
-                values = scores.compute_scores(
-                    logits[idx],
-                    names,
-                    features=None if features is None else features[idx],
-                    contrast_k=k,
-                )
+                if any_rejected and rejected[start:stop].any():
+                    problem = self._pixel_problem(low[start:stop], high[start:stop], part.dtype)
+                    if problem is not None:
+                        raise problem
+                self._check_options(requests[i].options)
+                accepted.append(i)
             except InvalidInputError as err:
-                tables[(names, k)] = err
-                continue
-            table = np.zeros((len(logits), len(names)), dtype=np.float32)
-            table[idx] = _to_float32(np.stack([values[name] for name in names], axis=1))
-            tables[(names, k)] = table
-        return tables
+                answers[i] = err
+            start = stop
+        if accepted and (images is None or len(accepted) < len(shaped)):
+            images = _join([requests[i].images for i in accepted])
+        return accepted, cast(np.ndarray, images)
 
     def _score(
         self,
-        requests: Sequence[ScoringRequest],
+        chosen: list[ScoringRequest],
         accepted: list[int],
+        images: np.ndarray,
         answers: list[Outputs | InvalidInputError | None],
         result: BatchResult,
     ) -> None:
+        """Forward pass and scores of the accepted requests (``chosen``, at ``accepted``)."""
+        needs_features = [_needs_features(r.options) for r in chosen]
         wanted = [LOGITS]
-        if self.classifier.has_features:
+        if any(needs_features):
             wanted.append(FEATURES)
-        if any(requests[i].options.heatmap_method for i in accepted):
+        if any(r.options.heatmap_method for r in chosen):
             wanted.append(ACTIVATION)
-        images = np.concatenate([requests[i].images for i in accepted], axis=0)
         net = self.classifier.run(images, wanted)
         logits = net[LOGITS].astype(np.float64)
-        features = net[FEATURES].astype(np.float64) if FEATURES in net else None
+        features = net[FEATURES].astype(np.float64) if FEATURES in wanted else None
 
         start = time.perf_counter()
+        sizes = [len(r.images) for r in chosen]
+        bounds = list(accumulate(sizes, initial=0))
         finite = np.isfinite(logits).all(axis=1)
-        if features is not None:
-            finite &= np.isfinite(features).all(axis=1)
-        trust = np.full(len(logits), np.nan)
-        conf = np.full(len(logits), np.nan)
-        pred = np.zeros(len(logits), dtype=np.int64)
-        if finite.any():
-            ok = logits[finite]
-            trust[finite] = scores.gradtrust(ok)
-            conf[finite] = scores.msp(ok)
-            pred[finite] = scores.predicted_class(ok)
-        offsets = np.cumsum([0] + [len(requests[i].images) for i in accepted])
-        tables = self._score_tables(requests, accepted, offsets, finite, logits, features)
+        trust, conf, pred = _base_scores(logits, finite)
+        failed = _non_finite(needs_features, bounds, finite, features)
+        tables = self._score_tables(chosen, sizes, failed, logits, features)
+        kinds = {r.outputs for n, r in enumerate(chosen) if n not in failed}
+        picks = self._columns(kinds, trust, conf, pred)
         heatmap_seconds = 0.0
-        for n, i in enumerate(accepted):
-            rows = slice(int(offsets[n]), int(offsets[n + 1]))
-            options = requests[i].options
-            if not finite[rows].all():
-                bad = np.flatnonzero(~finite[rows]).tolist()
-                answers[i] = InvalidInputError(
-                    f"the model produced non-finite logits or features for sample(s) {bad}; "
-                    "check the input preprocessing"
-                )
+        answered = [False] * len(chosen)
+        for n, request in enumerate(chosen):
+            i = accepted[n]
+            if n in failed:
+                answers[i] = failed[n]
                 continue
+            rows = slice(bounds[n], bounds[n + 1])
+            options = request.options
+            outputs: Outputs = {name: column[rows] for name, column in picks[request.outputs]}
             try:
-                outputs: Outputs = {
-                    LABEL: self._label_bytes[pred[rows]],
-                    CLASS_ID: pred[rows].reshape(-1, 1),
-                    CONFIDENCE: conf[rows].astype(np.float32).reshape(-1, 1),
-                    GRADTRUST: trust[rows].astype(np.float32).reshape(-1, 1),
-                }
-                if self.calibration is not None:
-                    prob = self.calibration.apply(trust[rows])
-                    outputs[TRUST_PROB] = prob.astype(np.float32).reshape(-1, 1)
                 if options.scores:
                     table = tables[(options.scores, options.contrast_k)]
                     if isinstance(table, InvalidInputError):
                         raise table
-                    outputs[SCORES] = table[rows]
+                    if request.wants(SCORES):
+                        outputs[SCORES] = table[rows]
                 if options.heatmap_method:
                     t0 = time.perf_counter()
                     maps, stats = heatmaps.explain(
@@ -287,24 +329,158 @@ class TrustService:
                         net[ACTIVATION][rows].astype(np.float64),
                         cast(np.ndarray, self.head_weight),  # not None: _check_options
                         logits[rows],
-                        size=spatial_size(requests[i].images.shape, self.layout),
+                        size=spatial_size(request.images.shape, self.layout),
                         contrast_class=options.contrast_class,
                     )
                     heatmap_seconds += time.perf_counter() - t0
-                    outputs[HEATMAP] = maps.astype(np.float32)
-                    if stats is not None:
+                    if request.wants(HEATMAP):
+                        outputs[HEATMAP] = maps.astype(np.float32)
+                    if stats is not None and request.wants(HEATMAP_STATS):
                         outputs[HEATMAP_STATS] = stats.astype(np.float32)
                 answers[i] = outputs
+                answered[n] = True
             except InvalidInputError as err:
                 answers[i] = err
         result.trust_seconds = time.perf_counter() - start - heatmap_seconds
         result.heatmap_seconds = heatmap_seconds if ACTIVATION in wanted else None
-        ok_rows = np.zeros(len(logits), dtype=bool)
-        for n, i in enumerate(accepted):
-            if isinstance(answers[i], dict):
-                ok_rows[int(offsets[n]) : int(offsets[n + 1])] = True
-        result.gradtrust = trust[ok_rows]
-        result.confidence = conf[ok_rows]
+        if all(answered):
+            result.gradtrust, result.confidence = trust, conf
+        else:
+            ok_rows = np.repeat(np.asarray(answered), sizes)
+            result.gradtrust, result.confidence = trust[ok_rows], conf[ok_rows]
+
+    def _score_tables(
+        self,
+        chosen: list[ScoringRequest],
+        sizes: list[int],
+        failed: dict[int, InvalidInputError],
+        logits: np.ndarray,
+        features: np.ndarray | None,
+    ) -> dict[tuple[tuple[str, ...], int], np.ndarray | InvalidInputError]:
+        """SCORES for all requests that ask for the same scores and k, in one call per group
+        rather than one per request; a group that cannot be scored gets its error."""
+        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
+        for n, request in enumerate(chosen):
+            options = request.options
+            if options.scores and n not in failed:
+                groups.setdefault((options.scores, options.contrast_k), []).append(n)
+        tables: dict[tuple[tuple[str, ...], int], np.ndarray | InvalidInputError] = {}
+        for (names, k), members in groups.items():
+            every = len(members) == len(chosen)  # the usual case: no row selection
+            rows: slice | np.ndarray = slice(None)
+            if not every:
+                member = np.zeros(len(chosen), dtype=bool)
+                member[members] = True
+                rows = np.repeat(member, sizes)
+            try:
+                values = scores.compute_scores(
+                    logits[rows],
+                    names,
+                    features=None if features is None else features[rows],
+                    contrast_k=k,
+                )
+            except InvalidInputError as err:
+                tables[(names, k)] = err
+                continue
+            stacked = _to_float32(np.stack([values[name] for name in names], axis=1))
+            if every:
+                tables[(names, k)] = stacked
+            else:
+                table = np.zeros((len(logits), len(names)), dtype=np.float32)
+                table[rows] = stacked
+                tables[(names, k)] = table
+        return tables
+
+    def _columns(
+        self,
+        kinds: set[frozenset[str] | None],
+        trust: np.ndarray,
+        conf: np.ndarray,
+        pred: np.ndarray,
+    ) -> dict[frozenset[str] | None, list[tuple[str, np.ndarray]]]:
+        """The cheap outputs as (N, 1) columns of the whole batch, each computed only if a
+        request wants it; per distinct ``ScoringRequest.outputs`` (``kinds``), the (name,
+        column) pairs its requests get row slices of."""
+
+        def needed(name: str) -> bool:
+            return any(kind is None or name in kind for kind in kinds)
+
+        columns: dict[str, np.ndarray] = {}
+        if needed(LABEL):
+            columns[LABEL] = self._label_bytes[pred]
+        if needed(CLASS_ID):
+            columns[CLASS_ID] = pred.reshape(-1, 1)
+        if needed(CONFIDENCE):
+            columns[CONFIDENCE] = conf.astype(np.float32).reshape(-1, 1)
+        if needed(GRADTRUST):
+            columns[GRADTRUST] = trust.astype(np.float32).reshape(-1, 1)
+        if self.calibration is not None and needed(TRUST_PROB):
+            prob = self.calibration.apply(trust)  # elementwise; NaN (failed) rows stay NaN
+            columns[TRUST_PROB] = prob.astype(np.float32).reshape(-1, 1)
+        return {
+            kind: [(name, col) for name, col in columns.items() if kind is None or name in kind]
+            for kind in kinds
+        }
+
+
+def _needs_features(options: RequestOptions) -> bool:
+    return options.scores is not None and not scores.NEEDS_FEATURES.isdisjoint(options.scores)
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    """One array of all images; a lone request's own array is used as is (no copy)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def _extremes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's smallest and largest pixel: two reductions instead of isfinite and two
+    comparisons over every pixel."""
+    flat = images.reshape(images.shape[0], -1)
+    return flat.min(axis=1), flat.max(axis=1)
+
+
+def _base_scores(
+    logits: np.ndarray, finite: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GradTrust, confidence (MSP) and predicted class of every sample with finite logits
+    (NaN, NaN, 0 for the others), in one validated pass over the batch."""
+    names = ("gradtrust", "msp")
+    if finite.all():
+        base = scores.compute_scores(logits, names)
+        # np.argmax is scores.predicted_class without validating the logits a second time.
+        return base["gradtrust"], base["msp"], np.argmax(logits, axis=1).astype(np.int64)
+    trust = np.full(len(logits), np.nan)
+    conf = np.full(len(logits), np.nan)
+    pred = np.zeros(len(logits), dtype=np.int64)
+    if finite.any():
+        ok = logits[finite]
+        base = scores.compute_scores(ok, names)
+        trust[finite], conf[finite] = base["gradtrust"], base["msp"]
+        pred[finite] = np.argmax(ok, axis=1)
+    return trust, conf, pred
+
+
+def _non_finite(
+    needs_features: list[bool],
+    bounds: list[int],
+    finite: np.ndarray,
+    features: np.ndarray | None,
+) -> dict[int, InvalidInputError]:
+    """The error of each request (by position) whose logits, or features when its scores
+    need them, are not all finite; other requests do not depend on the features."""
+    with_features = finite if features is None else finite & np.isfinite(features).all(axis=1)
+    if with_features.all():
+        return {}
+    failed: dict[int, InvalidInputError] = {}
+    for n, needs in enumerate(needs_features):
+        ok = (with_features if needs else finite)[bounds[n] : bounds[n + 1]]
+        if not ok.all():
+            bad = np.flatnonzero(~ok).tolist()
+            failed[n] = InvalidInputError(
+                f"the model produced non-finite logits or features for sample(s) {bad}; "
+                "check the input preprocessing"
+            )
+    return failed
 
 
 def _to_float32(values: np.ndarray) -> np.ndarray:

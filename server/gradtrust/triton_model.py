@@ -16,7 +16,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from gradtrust.bls import BlsClassifier, WrapSpec, image_input, triton_infer
-from gradtrust.config import ModelSettings, parse_request
+from gradtrust.config import ModelSettings, RequestOptions, parse_request
 from gradtrust.errors import GradTrustError, InvalidInputError
 from gradtrust.evaluation.calibration import load_model_calibration
 from gradtrust.metrics import TrustMetrics
@@ -100,6 +100,8 @@ class TritonPythonModel:
         except GradTrustError as err:
             raise pb_utils.TritonModelException(f"{self.model_name}: {err}") from err
         self.output_names = [o["name"] for o in config["output"]]
+        self.all_outputs = frozenset(self.output_names)
+        self.plain_options: dict[tuple[bool, bool], RequestOptions] = {}
         image = next((i for i in config.get("input", []) if i.get("name") == IMAGE), None)
         self.image_itemsize = (
             np.dtype(pb_utils.triton_string_to_numpy(image["data_type"])).itemsize
@@ -115,6 +117,7 @@ class TritonPythonModel:
             version=self.model_version,
             num_classes=classifier.num_classes,
             low_trust_threshold=settings.low_trust_threshold,
+            flush_seconds=settings.metrics_flush_seconds,
         )
         pb_utils.Logger.log_info(
             f"{self.model_name} v{self.model_version}: {classifier.num_classes} classes, "
@@ -123,22 +126,28 @@ class TritonPythonModel:
         )
 
     def _parse(self, request: Any) -> ScoringRequest:
-        requested = set(request.requested_output_names())
+        requested = frozenset(request.requested_output_names())
         # Triton lists every output when the client named none: then only cheap ones are implied.
-        named = requested != set(self.output_names)
+        named = requested != self.all_outputs
         if named and TRUST_PROB in requested and self.service.calibration is None:
             raise InvalidInputError(
                 f"{self.model_name} has no trust calibration, so no {TRUST_PROB}: run "
                 "`gradtrust calibrate` on a labelled calibration set, then reload the model"
             )
-        options = parse_request(
+        options = self._options(
             request.parameters(),
-            self.service.settings,
             want_scores=SCORES in requested,
-            want_heatmap=named and bool(requested & {HEATMAP, HEATMAP_STATS}),
+            want_heatmap=named and not requested.isdisjoint((HEATMAP, HEATMAP_STATS)),
         )
-        tensor = pb_utils.get_input_tensor_by_name(request, IMAGE)
-        encoded = pb_utils.get_input_tensor_by_name(request, IMAGE_BYTES)
+        outputs = requested if named else None
+        # One walk over the inputs (pb_utils.get_input_tensor_by_name walks them per name).
+        tensor = encoded = None
+        for item in request.inputs():
+            name = item.name()
+            if name == IMAGE:
+                tensor = item
+            elif name == IMAGE_BYTES:
+                encoded = item
         if tensor is not None and encoded is not None:
             raise InvalidInputError(f"send either {IMAGE} or {IMAGE_BYTES}, not both")
         limit = self.service.settings.max_request_bytes
@@ -151,12 +160,24 @@ class TritonPythonModel:
                     f"{limit} bytes per request (config parameter max_request_bytes): send "
                     "fewer or smaller files per request"
                 )
-            return ScoringRequest(decode_batch(files, self.spec), options)
+            return ScoringRequest(decode_batch(files, self.spec), options, outputs)
         if tensor is None:
             raise InvalidInputError(f"the request has no input named {IMAGE} or {IMAGE_BYTES}")
         # Size limits from the shape alone, before the pixels are touched.
         self.service.check_request_size(tensor.shape(), self.image_itemsize)
-        return ScoringRequest(tensor.as_numpy(), options)
+        return ScoringRequest(tensor.as_numpy(), options, outputs)
+
+    def _options(self, parameters: Any, want_scores: bool, want_heatmap: bool) -> RequestOptions:
+        """:func:`parse_request`; for a request without parameters (Triton sends "{}"), the
+        usual case, the answer depends on the two flags only and is parsed once."""
+        if parameters not in ("{}", ""):
+            return parse_request(parameters, self.service.settings, want_scores, want_heatmap)
+        key = (want_scores, want_heatmap)
+        options = self.plain_options.get(key)
+        if options is None:
+            options = parse_request(parameters, self.service.settings, want_scores, want_heatmap)
+            self.plain_options[key] = options
+        return options
 
     def _run(self, requests: list[ScoringRequest]) -> BatchResult:
         """The batch in one pass; if that hits a bug, each request alone, so that only the
