@@ -237,6 +237,12 @@ def test_contrast_trust_equals_hand_value_when_gap_makes_denominator_subnormal()
     np.testing.assert_allclose(S.contrast_trust([[354.0, 0.0, 0.0]]), [math.exp(708) / 3], 1e-12)
 
 
+def test_contrast_trust_stays_exact_when_exp_two_gap_overflows_but_the_score_does_not() -> None:
+    # z = (355.2, 0, 0): e^710.4 overflows float64, the score ~ e^710.4 / 3 does not.
+    got = S.contrast_trust([[355.2, 0.0, 0.0]])
+    np.testing.assert_allclose(got, [math.exp(710.4 - math.log(3))], rtol=1e-11)
+
+
 def test_baselines_equal_hand_values_when_probabilities_half_quarter_quarter() -> None:
     got = S.compute_scores([[math.log(2), 0.0, 0.0]], LOGIT_ONLY)
     expected = {
@@ -285,6 +291,20 @@ def test_scores_of_a_sample_are_unchanged_when_other_samples_join_the_batch() ->
         alone = S.compute_scores(z[i : i + 1], S.SCORE_NAMES, features=feats[i : i + 1])
         for name in S.SCORE_NAMES:
             np.testing.assert_allclose(together[name][1 + i], alone[name][0], rtol=1e-13)
+
+
+@pytest.mark.parametrize(("n", "c"), [(50, 1000), (20_000, 2)])
+def test_compute_scores_equals_scores_of_parts_when_batch_is_large(n: int, c: int) -> None:
+    # Large batches are scored in row blocks; the split must not show in any value.
+    rng = np.random.default_rng(8)
+    z = 4.0 * rng.standard_normal((n, c))
+    feats = rng.standard_normal((n, 3))
+    whole = S.compute_scores(z, S.SCORE_NAMES, features=feats)
+    cuts = [0, 1, 7, n // 2 + 3, n]
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        part = S.compute_scores(z[lo:hi], S.SCORE_NAMES, features=feats[lo:hi])
+        for name in S.SCORE_NAMES:
+            np.testing.assert_allclose(whole[name][lo:hi], part[name], rtol=1e-13, err_msg=name)
 
 
 def test_compute_scores_equals_single_score_functions_when_all_names_requested() -> None:
@@ -398,6 +418,26 @@ def test_scores_stay_finite_without_warnings_when_logit_gaps_are_huge(gap: float
     np.testing.assert_allclose(got["entropy"][[0, 2]], [0.0, 0.0], atol=1e-200)
     np.testing.assert_array_equal(got["contrast_trust"][[0, 2]], [np.finfo(np.float64).max] * 2)
     np.testing.assert_allclose(got["gradtrust"][0], 3.0, rtol=1e-12)
+
+
+@pytest.mark.filterwarnings("error")
+def test_scores_equal_hand_values_without_warnings_when_logits_span_more_than_float64() -> None:
+    # z_c - z_Q1 overflows to -inf for the -1e308 class; its probability is exactly 0.
+    z = np.array([[1e308, 1e308, -1e308], [1.5e308, 1e308, -1e308]])
+    got = S.compute_scores(z, S.SCORE_NAMES, features=np.array([[1.0, -2.0], [0.5, 0.5]]))
+    expected = {
+        # p = (1/2, 1/2, 0): contrasts Q1, Q2 give (1/2 + 3/2) / 2 over 1/2.
+        "gradtrust": [1.0, 3 * 81 / 113],  # a ~ (1.5, 1, -1) e308: 1 / mean(1, 16/81, 16/81)
+        "contrast_trust": [2.0, np.finfo(np.float64).max],
+        "msp": [0.5, 1.0],
+        "entropy": [-math.log(2), 0.0],
+        "margin": [0.0, 1.0],
+        "max_logit": [1e308, 1.5e308],
+        "energy": [1e308, 1.5e308],  # + log 2 is below the spacing of floats at 1e308
+        "gradnorm": [2.0 * 3.0, 4.0 * 1.0],  # ||C p - 1||_1 ||h||_1
+    }
+    for name, values in expected.items():
+        np.testing.assert_allclose(got[name], values, rtol=1e-14, atol=0, err_msg=name)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

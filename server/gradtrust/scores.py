@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -77,11 +77,20 @@ NEEDS_FEATURES: frozenset[str] = frozenset({"gradnorm"})
 """Scores that also need the penultimate features ``h``, not just the logits."""
 
 _FLOAT64_MAX = float(np.finfo(np.float64).max)
+_SMALLEST_NORMAL = float(np.finfo(np.float64).tiny)
 _MAX_ROWS_NAMED = 10
+# exp(-x) is exactly 0.0 in float64 for x beyond about 745, so capping a logit difference
+# at this size changes no probability; it only keeps products such as 0 * span finite
+# where a span overflowed float64 to inf.
+_SPAN_CAP = 1e4
+# compute_scores works through big batches this many values at a time, so that each
+# (rows, C) float64 temporary stays under 128 KiB: mostly in cache, and below glibc's
+# default threshold above which every allocation maps fresh pages (measured 2x slower).
+_BLOCK_VALUES = 16384
 
 
-def _numeric_float64(values: ArrayLike, what: str) -> Floats:
-    """Convert to a fresh float64 array, refusing dtypes that are not real numbers."""
+def _numeric_float64(values: ArrayLike, what: str, copy: bool) -> Floats:
+    """Convert to float64 (copying only if asked or needed), refusing non-real dtypes."""
     try:
         raw = np.asarray(values)
     except (TypeError, ValueError) as exc:
@@ -93,15 +102,14 @@ def _numeric_float64(values: ArrayLike, what: str) -> Floats:
             f"{what} must hold real numbers (integer or float), got dtype {raw.dtype}; "
             "send float32 or float64 values"
         )
-    return np.array(raw, dtype=np.float64, copy=True)
+    return raw.astype(np.float64, copy=copy)
 
 
 def _refuse_non_finite(values: Floats, what: str) -> None:
     """Raise naming the sample rows of a 2-D array that hold NaN or infinity."""
-    finite_rows = np.isfinite(values).all(axis=1)
-    if finite_rows.all():
+    if np.isfinite(values).all():  # the common case: one pass, no per-row work
         return
-    bad = np.flatnonzero(~finite_rows)
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
     named = ", ".join(str(i) for i in bad[:_MAX_ROWS_NAMED])
     more = f" and {bad.size - _MAX_ROWS_NAMED} more" if bad.size > _MAX_ROWS_NAMED else ""
     raise InvalidInputError(
@@ -110,13 +118,9 @@ def _refuse_non_finite(values: Floats, what: str) -> None:
     )
 
 
-def as_logits(logits: ArrayLike) -> Floats:
-    """Validate a batch of logits and return a float64 copy (the caller's array is never touched).
-
-    Accepts shape (N, C) with N >= 0 and C >= 2, every value finite. Raises
-    :class:`InvalidInputError` saying what is wrong (and which rows are non-finite).
-    """
-    z = _numeric_float64(logits, "logits")
+def _logits(logits: ArrayLike, copy: bool) -> Floats:
+    """Validated (N, C) float64 logits; without copy, possibly the caller's own array."""
+    z = _numeric_float64(logits, "logits", copy)
     if z.ndim != 2:
         hint = "; for one sample pass logits[None, :]" if z.ndim == 1 else ""
         raise InvalidInputError(
@@ -130,9 +134,18 @@ def as_logits(logits: ArrayLike) -> Floats:
     return z
 
 
+def as_logits(logits: ArrayLike) -> Floats:
+    """Validate a batch of logits and return a float64 copy (the caller's array is never touched).
+
+    Accepts shape (N, C) with N >= 0 and C >= 2, every value finite. Raises
+    :class:`InvalidInputError` saying what is wrong (and which rows are non-finite).
+    """
+    return _logits(logits, copy=True)
+
+
 def _as_features(features: ArrayLike, n: int) -> Floats:
     """Validate penultimate features: shape (N, D), D >= 1, finite, N matching the logits."""
-    h = _numeric_float64(features, "features")
+    h = _numeric_float64(features, "features", copy=False)
     if h.ndim != 2 or h.shape[1] < 1:
         raise InvalidInputError(
             f"features must be 2-D with shape (batch, dims), D >= 1, got shape {h.shape}; "
@@ -147,62 +160,86 @@ def _as_features(features: ArrayLike, n: int) -> Floats:
     return h
 
 
-@dataclass(frozen=True)
-class _Batch:
-    """Validated logits and the softmax pieces every score shares (computed once)."""
+class _Softmax(NamedTuple):
+    """softmax(z) factored around the two largest logits, computed once per batch.
 
-    z: Floats  # (N, C) logits
-    pred: NDArray[np.intp]  # (N,) P = argmax z, lowest index on ties
-    shifted_exp: Floats  # (N, C) s_c = exp(z_c - z_P), so s_P = 1
-    total: Floats  # (N,) Z = sum_c s_c, in [1, C]
-    p: Floats  # (N, C) softmax
-    log_p: Floats  # (N, C) log-softmax
-    lse: Floats  # (N,) logsumexp(z)
+    With P the prediction and Q1 the runner-up, ``p_P = 1 / Z`` and ``p_c = r t_c / Z``
+    for c != P, where ``r = exp(-(z_P - z_Q1))``, ``t_c = exp(z_c - z_Q1)`` in [0, 1]
+    and ``Z = 1 + r T1``, ``T1 = sum_{c != P} t_c >= 1``. Every score reads what it
+    needs from these with no cancellation: the non-P classes keep their relative
+    precision even where r underflows (huge gaps), and ``1 - p_P`` is never formed.
+    P's own column of ``t`` is 0, so sums over ``t`` are sums over c != P.
+    """
+
+    top: Floats  # (N, m) the m largest logits, descending: z_P, z_Q1, ...
+    gap: Floats  # (N,) z_P - z_Q1 >= 0, capped at _SPAN_CAP
+    r: Floats  # (N,) exp(-gap) = p_Q1 / p_P, in [0, 1]
+    t: Floats  # (N, C) t_c, and 0 at P
+    log_t: Floats  # (N, C) z_c - z_Q1 <= 0 (-inf where it overflowed), -_SPAN_CAP at P
+    t_sum: Floats  # (N,) T1
+    total: Floats  # (N,) Z = sum_c exp(z_c - z_P), in [1, C]
+    log_total: Floats  # (N,) log Z
 
     @classmethod
-    def of(cls, z: Floats) -> _Batch:
-        pred = np.argmax(z, axis=1)
-        z_max = np.take_along_axis(z, pred[:, None], axis=1)
-        # A finite z can still span more than the float64 range: the difference then
-        # overflows to -inf, whose exp is the correct 0.
-        with np.errstate(over="ignore"):
-            shifted = z - z_max
-        s = np.exp(shifted)
-        total = s.sum(axis=1)
-        log_total = np.log(total)
+    def of(cls, z: Floats, m: int) -> _Softmax:
+        """Factor softmax(z) and keep the m >= 2 largest logits (one partition).
+
+        Run under ``np.errstate(over="ignore")``: a finite z can still span more than
+        the float64 range, and those differences overflow to -inf, whose exp is the
+        correct 0.
+        """
+        n, c = z.shape
+        # Values only: with tied logits, which tied class is P cannot change a score.
+        top = np.sort(np.partition(z, c - m, axis=1)[:, c - m :], axis=1)[:, ::-1]
+        log_t = z - top[:, 1:2]
+        # Exclude P: exp(-_SPAN_CAP) is 0, and 0 * log t stays 0 there (0 * -inf would not).
+        log_t[np.arange(n), np.argmax(z, axis=1)] = -_SPAN_CAP
+        t = np.exp(log_t)
+        t_sum = t.sum(axis=1)
+        gap = np.minimum(top[:, 0] - top[:, 1], _SPAN_CAP)
+        r = np.exp(-gap)
+        rest = r * t_sum  # (1 - p_P) Z, formed without cancellation
         return cls(
-            z=z,
-            pred=pred,
-            shifted_exp=s,
-            total=total,
-            p=s / total[:, None],
-            log_p=shifted - log_total[:, None],
-            lse=z_max[:, 0] + log_total,
+            top=top,
+            gap=gap,
+            r=r,
+            t=t,
+            log_t=log_t,
+            t_sum=t_sum,
+            total=1.0 + rest,
+            log_total=np.log1p(rest),
         )
 
 
 def softmax(logits: ArrayLike) -> Floats:
     """Numerically stable softmax over classes, float64, shape (N, C)."""
-    return _Batch.of(as_logits(logits)).p
+    z = _logits(logits, copy=False)
+    with np.errstate(over="ignore"):  # spans beyond float64 give -inf, whose exp is 0
+        p = z - z.max(axis=1, keepdims=True)
+    np.exp(p, out=p)
+    p /= p.sum(axis=1, keepdims=True)
+    return p
 
 
 def predicted_class(logits: ArrayLike) -> NDArray[np.intp]:
     """The prediction P = argmax z per sample; ties go to the lowest class index."""
-    return np.argmax(as_logits(logits), axis=1)
+    return np.argmax(_logits(logits, copy=False), axis=1)
 
 
 def _gradtrust(z: Floats) -> Floats:
     c = z.shape[1]
-    a = z - 1.0 / c
-    # Scale by max|a| so a^4 cannot overflow (or underflow to 0/0); the max then is
-    # exactly 1 and the score is 1 / mean_c b^4.
-    scale = np.abs(a).max(axis=1, keepdims=True)
-    all_zero = scale[:, 0] == 0.0
-    b = a / np.where(scale == 0.0, 1.0, scale)
-    b2 = b * b  # b**4 would go through np.power's slow general path
-    mean_b4 = np.mean(b2 * b2, axis=1)
-    score = 1.0 / np.where(all_zero, 1.0, mean_b4)
-    return np.clip(score, 1.0, float(c))
+    b = z - 1.0 / c
+    # Divide by max|a| so a^4 cannot overflow (or underflow to 0/0): every |b| <= 1 and
+    # the largest is exactly 1, so sum_c b^4 lies in [1, C] and C / sum is in [1, C]
+    # with no clipping. The floor on the scale lies far below any nonzero |a_c|, so it
+    # only keeps a row with every a_c == 0 at b = 0; such a row is then defined as 1.
+    scale = np.abs(b).max(axis=1, keepdims=True)
+    b /= np.maximum(scale, _SMALLEST_NORMAL)
+    np.square(b, out=b)
+    sum_b4 = np.einsum("nc,nc->n", b, b)
+    if not sum_b4.all():
+        sum_b4[sum_b4 == 0.0] = c
+    return c / sum_b4
 
 
 def gradtrust(logits: ArrayLike) -> Floats:
@@ -216,7 +253,7 @@ def gradtrust(logits: ArrayLike) -> Floats:
     large positive one does, and, unlike softmax, it changes when a constant is added
     to all logits. All ``a_c`` equal gives 1; all ``a_c == 0`` (0/0) is defined as 1.0.
     """
-    return _gradtrust(as_logits(logits))
+    return compute_scores(logits, ["gradtrust"])["gradtrust"]
 
 
 def _check_k(k: int) -> int:
@@ -229,37 +266,21 @@ def _check_k(k: int) -> int:
     return k_int
 
 
-def _top_logits(z: Floats, m: int) -> Floats:
-    """The m largest logit values per sample, descending (one partition, shared by scores)."""
-    c = z.shape[1]
-    return -np.sort(-np.partition(z, c - m, axis=1)[:, c - m :], axis=1)
-
-
-def _contrast_trust(batch: _Batch, k: int, top: Floats | None = None) -> Floats:
-    z, s = batch.z, batch.shifted_exp
-    n, c = z.shape
-    k = min(k, c - 1)
-    if n == 0:
-        return np.empty(0, dtype=np.float64)
-    # The k+1 largest logit values, descending: P's value, then Q_1..Q_k. Only values
-    # matter, so tie-breaking between equal logits cannot change the score.
-    top = _top_logits(z, k + 1) if top is None else top[:, : k + 1]
-    z_p, z_q = top[:, :1], top[:, 1:]
-    with np.errstate(over="ignore"):  # spans beyond float64 give -inf, whose exp is 0
-        s_q = np.exp(z_q - z_p)  # (N, k), in [0, 1]
-        rest = z - z_q[:, :1]
-        gap = z_p[:, 0] - z_q[:, 0]
-    # Z^2 ||p - e_q||^2 = (Z - s_q)^2 + sum_{c != q} s_c^2, with no 1 - p_P cancellation.
-    sum_sq = np.einsum("nc,nc->n", s, s)[:, None]
-    numer = np.mean((batch.total[:, None] - s_q) ** 2 + (sum_sq - s_q**2), axis=1)
-    # Z^2 ||p - e_P||^2 = (sum_{c != P} s_c)^2 + sum_{c != P} s_c^2. Those s_c may
-    # underflow, so rescale them by s_Q1 = exp(-gap) and put exp(2 gap) back at the end.
-    np.put_along_axis(rest, batch.pred[:, None], -np.inf, axis=1)
-    t = np.exp(rest)  # t_c = s_c / s_Q1 for c != P, largest exactly 1
-    denom = t.sum(axis=1) ** 2 + np.einsum("nc,nc->n", t, t)  # >= 2
-    with np.errstate(over="ignore"):
-        score = (numer / denom) * np.exp(2.0 * gap)
-    return np.where(np.isfinite(score), np.maximum(score, 1.0), _FLOAT64_MAX)
+def _contrast_trust(sm: _Softmax, k: int) -> Floats:
+    # Write s_c = exp(z_c - z_P) (s_P = 1, else r t_c) and S2 = sum_c s_c^2 = 1 + r^2 T2,
+    # T2 = sum_{c != P} t_c^2. Multiplied by Z^2:
+    #   ||p - e_q||^2 -> (Z - s_q)^2 + S2 - s_q^2, whose mean over Q_1..Q_k is
+    #                    Z (Z - 2 mean_k s_Qk) + S2   (Z - 2 mean_k s_Qk >= 1 - s_Q1 >= 0);
+    #   ||p - e_P||^2 -> (Z - 1)^2 + S2 - 1 = r^2 (T1^2 + T2), never forming 1 - p_P.
+    # The ratio's r^-2 = exp(2 gap) comes last, as exp(gap) twice, so it overflows only
+    # where the score itself does, and then saturates.
+    top, total, r = sm.top, sm.total, sm.r
+    t_sq = np.einsum("nc,nc->n", sm.t, sm.t)  # T2 >= 1
+    s_q_sum = np.exp(top[:, 1 : k + 1] - top[:, :1]).sum(axis=1)
+    numer = total * (total - (2.0 / k) * s_q_sum) + (1.0 + r * r * t_sq)
+    e_gap = np.exp(sm.gap)
+    score = numer / (sm.t_sum * sm.t_sum + t_sq) * e_gap * e_gap
+    return np.minimum(np.maximum(score, 1.0), _FLOAT64_MAX)
 
 
 def contrast_trust(logits: ArrayLike, k: int = 3) -> Floats:
@@ -273,24 +294,22 @@ def contrast_trust(logits: ArrayLike, k: int = 3) -> Floats:
     as P). It grows like ``exp(2 (z_P - z_Q1))``; where that exceeds float64 the score
     saturates at ``np.finfo(np.float64).max`` instead of becoming inf.
     """
-    k = _check_k(k)
-    return _contrast_trust(_Batch.of(as_logits(logits)), k)
-
-
-def _msp(batch: _Batch) -> Floats:
-    return np.take_along_axis(batch.p, batch.pred[:, None], axis=1)[:, 0]
+    return compute_scores(logits, ["contrast_trust"], contrast_k=k)["contrast_trust"]
 
 
 def msp(logits: ArrayLike) -> Floats:
     """Maximum softmax probability ``max_c p_c``. Range [1/C, 1]; higher = more trust."""
-    return _msp(_Batch.of(as_logits(logits)))
+    return compute_scores(logits, ["msp"])["msp"]
 
 
-def _entropy(batch: _Batch) -> Floats:
-    # p_c = 0 only where log p_c may be -inf (extreme spans): 0 log 0 is taken as 0.
-    with np.errstate(invalid="ignore"):
-        terms = np.where(batch.p > 0.0, batch.p * batch.log_p, 0.0)
-    return terms.sum(axis=1)
+def _entropy(sm: _Softmax) -> Floats:
+    # sum_c p_c log p_c = -(log Z + (r / Z) sum_{c != P} t_c (gap - log t_c)): both terms
+    # are >= 0, so nothing cancels. A p_c that underflows to 0 contributes 0 (0 log 0 = 0).
+    t_log_t = np.einsum("nc,nc->n", sm.t, sm.log_t)
+    if not np.isfinite(t_log_t).all():  # 0 * -inf where a span overflowed float64
+        t_log_t = np.einsum("nc,nc->n", sm.t, np.maximum(sm.log_t, -_SPAN_CAP))
+    spread = (sm.gap * sm.t_sum - t_log_t) * (sm.r / sm.total)
+    return 0.0 - (sm.log_total + spread)  # 0.0 - x, not -x: a one-hot row gives 0.0, not -0.0
 
 
 def entropy(logits: ArrayLike) -> Floats:
@@ -298,16 +317,12 @@ def entropy(logits: ArrayLike) -> Floats:
 
     Range [-log C, 0]; higher = more trust (0 for a one-hot prediction).
     """
-    return _entropy(_Batch.of(as_logits(logits)))
+    return compute_scores(logits, ["entropy"])["entropy"]
 
 
-def _margin(batch: _Batch, top: Floats | None = None) -> Floats:
-    # p is monotone in z, so the two largest logits name the two largest probabilities:
-    # p_(1) = s_P / Z = 1 / Z and p_(2) = exp(z_(2) - z_(1)) / Z, the same floats as in p.
-    top = _top_logits(batch.z, 2) if top is None else top
-    with np.errstate(over="ignore"):  # spans beyond float64 give -inf, whose exp is 0
-        second = np.exp(top[:, 1] - top[:, 0])
-    return 1.0 / batch.total - second / batch.total
+def _margin(sm: _Softmax) -> Floats:
+    # p_(1) - p_(2) = (1 - r) / Z; expm1 keeps 1 - r exact for nearly tied classes.
+    return -np.expm1(-sm.gap) / sm.total
 
 
 def margin(logits: ArrayLike) -> Floats:
@@ -315,7 +330,7 @@ def margin(logits: ArrayLike) -> Floats:
 
     Range [0, 1]; higher = more trust (0 when the top two classes tie).
     """
-    return _margin(_Batch.of(as_logits(logits)))
+    return compute_scores(logits, ["margin"])["margin"]
 
 
 def max_logit(logits: ArrayLike) -> Floats:
@@ -324,8 +339,7 @@ def max_logit(logits: ArrayLike) -> Floats:
     Any real value; higher = more trust. It lives on the model's logit scale, so it is
     comparable only within one model (shifting all logits shifts it).
     """
-    z = as_logits(logits)
-    return z.max(axis=1)
+    return compute_scores(logits, ["max_logit"])["max_logit"]
 
 
 def energy(logits: ArrayLike) -> Floats:
@@ -334,12 +348,21 @@ def energy(logits: ArrayLike) -> Floats:
     In [max_c z_c, max_c z_c + log C]; higher = more trust. Like max_logit it is on the
     model's logit scale and comparable only within one model.
     """
-    return _Batch.of(as_logits(logits)).lse
+    return compute_scores(logits, ["energy"])["energy"]
 
 
-def _gradnorm(p: Floats, h: Floats, temperature: float) -> Floats:
-    c = p.shape[1]
-    return np.abs(c * p - 1.0).sum(axis=1) * np.abs(h).sum(axis=1) / temperature
+def _softmax_l1(sm: _Softmax) -> Floats:
+    """``||C p - 1||_1`` from the factored softmax, never negative.
+
+    In units of Z the terms are ``x_c = C r t_c - Z`` for c != P and ``C - Z >= 0`` for
+    P. The array below holds ``-Z`` at P (t_P = 0), so ``sum |x| - Z`` (>= 0 in floating
+    point too) is the sum over c != P.
+    """
+    c = sm.t.shape[1]
+    x = sm.t * (c * sm.r)[:, None]
+    x -= sm.total[:, None]
+    np.abs(x, out=x)
+    return ((x.sum(axis=1) - sm.total) + (c - sm.total)) / sm.total
 
 
 def _check_temperature(temperature: float) -> float:
@@ -360,19 +383,21 @@ def gradnorm(logits: ArrayLike, features: ArrayLike, temperature: float = 1.0) -
     confidence, so it ranks samples of one model but has no fixed scale, and a sample
     with unusually large features can outrank a more confident one.
     """
-    z = as_logits(logits)
+    z = _logits(logits, copy=False)
     h = _as_features(features, z.shape[0])
     t = _check_temperature(temperature)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):  # see _Softmax.of
         scaled = z / t
-    if not np.isfinite(scaled).all():
-        raise InvalidInputError(
-            f"logits / temperature overflow float64 at temperature {t!r}; use a larger temperature"
-        )
-    return _gradnorm(_Batch.of(scaled).p, h, t)
+        if not np.isfinite(scaled).all():
+            raise InvalidInputError(
+                f"logits / temperature overflow float64 at temperature {t!r}; "
+                "use a larger temperature"
+            )
+        return _softmax_l1(_Softmax.of(scaled, 2)) * np.abs(h).sum(axis=1) / t
 
 
 def _check_names(names: Sequence[str]) -> list[str]:
+    """The requested names, validated, in order, duplicates dropped."""
     if isinstance(names, str):
         raise InvalidInputError(
             f"names must be a sequence of score names, not one string; pass [{names!r}]"
@@ -384,7 +409,35 @@ def _check_names(names: Sequence[str]) -> list[str]:
             f"unknown score name(s) {', '.join(map(repr, unknown))}; "
             f"valid names are: {', '.join(SCORE_NAMES)}"
         )
-    return wanted
+    return list(dict.fromkeys(wanted))
+
+
+def _score_block(z: Floats, h: Floats | None, wanted: list[str], k: int) -> dict[str, Floats]:
+    """The wanted scores of validated rows; k is already capped at C - 1.
+
+    Run under ``np.errstate(over="ignore")``, as :meth:`_Softmax.of` explains.
+    """
+    out: dict[str, Floats] = {}
+    if "gradtrust" in wanted:
+        out["gradtrust"] = _gradtrust(z)
+    if len(out) < len(wanted):
+        sm = _Softmax.of(z, k + 1 if "contrast_trust" in wanted else 2)
+        for name in wanted:
+            if name == "contrast_trust":
+                out[name] = _contrast_trust(sm, k)
+            elif name == "msp":
+                out[name] = 1.0 / sm.total
+            elif name == "entropy":
+                out[name] = _entropy(sm)
+            elif name == "margin":
+                out[name] = _margin(sm)
+            elif name == "max_logit":
+                out[name] = sm.top[:, 0]
+            elif name == "energy":
+                out[name] = sm.top[:, 0] + sm.log_total
+            elif name == "gradnorm" and h is not None:
+                out[name] = _softmax_l1(sm) * np.abs(h).sum(axis=1)
+    return {name: out[name] for name in wanted}
 
 
 def compute_scores(
@@ -395,8 +448,9 @@ def compute_scores(
 ) -> dict[str, Floats]:
     """Compute the named scores for a batch, validating once and sharing the softmax.
 
-    This is the serving hot path: logits are checked once, softmax/log-softmax are
-    computed once, and each requested score costs only its own O(N C) step. Returns
+    This is the serving hot path: logits are checked once (and not copied when already
+    float64), the softmax is factored once, and each requested score costs only its own
+    O(N C) step; big batches go through in cache-sized row blocks. Returns
     ``{name: (N,) float64}`` in the order requested (duplicates collapse). Unknown names,
     or ``"gradnorm"`` without ``features``, raise :class:`InvalidInputError`; features
     are validated only when a score needs them. gradnorm uses temperature 1.
@@ -409,31 +463,18 @@ def compute_scores(
             "pass features=(N, D) array or drop those names"
         )
     k = _check_k(contrast_k)
-    z = as_logits(logits)
-    h = _as_features(features, z.shape[0]) if needs_h and features is not None else None
-    batch = _Batch.of(z)
-    top = None
-    if "contrast_trust" in wanted or "margin" in wanted:
-        top = _top_logits(z, max(2, min(k, z.shape[1] - 1) + 1))
-
-    out: dict[str, Floats] = {}
-    for name in wanted:
-        if name in out:
-            continue
-        if name == "gradtrust":
-            out[name] = _gradtrust(z)
-        elif name == "contrast_trust":
-            out[name] = _contrast_trust(batch, k, top)
-        elif name == "msp":
-            out[name] = _msp(batch)
-        elif name == "entropy":
-            out[name] = _entropy(batch)
-        elif name == "margin":
-            out[name] = _margin(batch, top)
-        elif name == "max_logit":
-            out[name] = np.take_along_axis(z, batch.pred[:, None], axis=1)[:, 0]
-        elif name == "energy":
-            out[name] = batch.lse
-        elif name == "gradnorm" and h is not None:
-            out[name] = _gradnorm(batch.p, h, 1.0)
-    return out
+    z = _logits(logits, copy=False)
+    n, c = z.shape
+    h = _as_features(features, n) if needs_h and features is not None else None
+    k = min(k, c - 1)
+    rows = max(1, _BLOCK_VALUES // c)
+    # Logit spans beyond float64 overflow to -inf, whose exp is the correct 0, and
+    # contrast_trust saturates where exp(2 gap) overflows: see _Softmax.of.
+    with np.errstate(over="ignore"):
+        if n <= rows:
+            return _score_block(z, h, wanted, k)
+        blocks = [
+            _score_block(z[i : i + rows], None if h is None else h[i : i + rows], wanted, k)
+            for i in range(0, n, rows)
+        ]
+    return {name: np.concatenate([block[name] for block in blocks]) for name in wanted}
