@@ -102,14 +102,9 @@ class TritonPythonModel:
         self.output_names = [o["name"] for o in config["output"]]
         self.all_outputs = frozenset(self.output_names)
         self.plain_options: dict[tuple[bool, bool], RequestOptions] = {}
-        image = next((i for i in config.get("input", []) if i.get("name") == IMAGE), None)
-        self.image_itemsize = (
-            np.dtype(pb_utils.triton_string_to_numpy(image["data_type"])).itemsize
-            if image is not None
-            else 4
-        )
         self.output_dtypes = {
-            o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]
+            o["name"]: np.dtype(pb_utils.triton_string_to_numpy(o["data_type"]))
+            for o in config["output"]
         }
         self.metrics: TrustMetrics | None = TrustMetrics(
             pb_utils,
@@ -163,8 +158,8 @@ class TritonPythonModel:
             return ScoringRequest(decode_batch(files, self.spec), options, outputs)
         if tensor is None:
             raise InvalidInputError(f"the request has no input named {IMAGE} or {IMAGE_BYTES}")
-        # Size limits from the shape alone, before the pixels are touched.
-        self.service.check_request_size(tensor.shape(), self.image_itemsize)
+        # A view of the request's shared memory: TrustService checks the size limits from
+        # its shape before any pixel is read.
         return ScoringRequest(tensor.as_numpy(), options, outputs)
 
     def _options(self, parameters: Any, want_scores: bool, want_heatmap: bool) -> RequestOptions:
@@ -252,11 +247,16 @@ class TritonPythonModel:
                 output_tensors=[],
                 error=pb_utils.TritonError(str(answer), pb_utils.TritonError.INTERNAL),
             )
-        tensors = [
-            pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=self.output_dtypes[name]))
-            for name, value in answer.items()
-        ]
-        return pb_utils.InferenceResponse(output_tensors=tensors)
+        return pb_utils.InferenceResponse(
+            output_tensors=[self._tensor(name, value) for name, value in answer.items()]
+        )
+
+    def _tensor(self, name: str, value: np.ndarray) -> Any:
+        """An output in its config's dtype; the service's arrays already are, so usually no copy."""
+        dtype = self.output_dtypes[name]
+        if value.dtype != dtype or not value.flags.c_contiguous:
+            value = np.ascontiguousarray(value, dtype=dtype)
+        return pb_utils.Tensor(name, value)
 
     def finalize(self) -> None:
         if self.metrics is not None:
