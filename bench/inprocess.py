@@ -225,6 +225,10 @@ def bench_model(
         row["autograd_full_x_slower_than_scores"] = (
             autograd["full_per_sample_s"] / row["scores_per_sample_s"]
         )
+        # Like for like: the autograd way computes GradTrust only, as the released code does.
+        row["autograd_head_x_slower_than_gradtrust"] = (
+            autograd["head_per_sample_s"] / row["gradtrust_per_sample_s"]
+        )
         row["autograd_full_x_slower_than_forward_scores"] = autograd["full_per_sample_s"] / (
             row["forward_per_sample_s"] + row["scores_per_sample_s"]
         )
@@ -276,13 +280,25 @@ def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
         found.append({"target": text, "measured": measured, "met": measured["scores_pct"] <= limit})
     head = min(r["autograd_head_x_slower_than_scores"] for r in model["batches"])
     full = min(r["autograd_full_x_slower_than_scores"] for r in model["batches"])
+    like = min(r["autograd_head_x_slower_than_gradtrust"] for r in model["batches"])
     found.append(
         {
             "target": (
-                "closed-form scores >= 50x faster per sample than the autograd way (C = 1000)"
+                "closed-form scores >= 50x faster per sample than the autograd way (C = 1000), "
+                "all eight scores against GradTrust by autograd"
             ),
             "measured": {"min_x_vs_head_backward": head, "min_x_vs_full_backward": full},
             "met": head >= 50.0 and full >= 50.0,
+        }
+    )
+    found.append(
+        {
+            "target": (
+                "closed-form GradTrust >= 50x faster per sample than GradTrust by autograd "
+                "through the last layer (C = 1000), like for like"
+            ),
+            "measured": {"min_x_vs_head_backward": like},
+            "met": like >= 50.0,
         }
     )
     return found
@@ -297,6 +313,7 @@ COLUMNS = [
     ("service_pct", "service (N×1 req, all scores) % of fwd"),
     ("e2e_pct", "fwd+scores vs fwd, end to end % (noisy)"),
     ("head_x", "× faster than autograd (head)"),
+    ("like_x", "GradTrust only: × faster than autograd (head)"),
     ("full_x", "× faster than autograd (whole net)"),
 ]
 
@@ -330,6 +347,7 @@ def markdown(run: dict[str, Any]) -> str:
                 "service_pct": r.get("service_all_scores_pct_of_forward", float("nan")),
                 "e2e_pct": r["forward_scores_pct_over_forward"],
                 "head_x": r["autograd_head_x_slower_than_scores"],
+                "like_x": r["autograd_head_x_slower_than_gradtrust"],
                 "full_x": r["autograd_full_x_slower_than_scores"],
             }
             for r in model["batches"]
