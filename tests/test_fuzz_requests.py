@@ -244,7 +244,7 @@ options_strategy = st.builds(
 @given(images())
 def test_check_images_returns_input_or_raises_invalid_input_when_images_are_random(service, batch):
     try:
-        checked = service.check_images(batch)
+        checked = service.checks.check_images(batch)
     except InvalidInputError as err:
         assert 0 < len(str(err)) <= MAX_MESSAGE
         return

@@ -35,30 +35,30 @@ def test_settings_refuse_a_limit_when_it_is_not_a_positive_integer(key, value):
 
 def test_check_request_size_accepts_a_request_when_it_is_exactly_at_the_limit():
     service = _service(max_request_bytes=str(4 * DIGIT_BYTES))
-    service.check_request_size((4, 1, 28, 28), 4)
+    service.checks.check_request_size((4, 1, 28, 28), 4)
 
 
 def test_check_request_size_refuses_a_request_naming_the_parameter_when_one_byte_over():
     service = _service(max_request_bytes=str(4 * DIGIT_BYTES))
     with pytest.raises(InvalidInputError, match="max_request_bytes") as info:
-        service.check_request_size((5, 1, 28, 28), 4)
+        service.checks.check_request_size((5, 1, 28, 28), 4)
     assert f"{5 * DIGIT_BYTES} bytes" in str(info.value)
 
 
 def test_check_request_size_refuses_huge_images_when_they_exceed_the_pixel_limit():
     service = _service(max_image_pixels=str(28 * 28 - 1))
     with pytest.raises(InvalidInputError, match="max_image_pixels"):
-        service.check_request_size((1, 1, 28, 28), 4)
+        service.checks.check_request_size((1, 1, 28, 28), 4)
 
 
 def test_check_request_size_never_multiplies_into_overflow_when_dims_are_absurd():
     service = _service()
     with pytest.raises(InvalidInputError, match="max_request_bytes"):
-        service.check_request_size((2**40, 3, 2**20, 2**20), 4)
+        service.checks.check_request_size((2**40, 3, 2**20, 2**20), 4)
 
 
 def test_check_images_refuses_a_batch_before_reading_pixels_when_over_the_byte_limit():
     service = _service(max_request_bytes=str(2 * DIGIT_BYTES))
     images = np.full((3, 1, 28, 28), np.nan, np.float32)  # the NaNs are never looked at
     with pytest.raises(InvalidInputError, match="max_request_bytes"):
-        service.check_images(images)
+        service.checks.check_images(images)

@@ -13,7 +13,6 @@ the outputs a request names (and the network outputs some request needs) are com
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from gradtrust.bls import BlsClassifier
 from gradtrust.config import ModelSettings, RequestOptions
 from gradtrust.errors import ConfigError, InvalidInputError
 from gradtrust.evaluation.calibration import TrustCalibration
+from gradtrust.image_checks import ImageChecks, join_images
 from gradtrust.preprocess import spatial_size
 from gradtrust.runtime import ACTIVATION, FEATURES, LOGITS, OnnxClassifier
 
@@ -98,110 +98,11 @@ class TrustService:
         self.calibration = calibration  # GradTrust -> P(correct), from `gradtrust calibrate`
         self.head_weight = classifier.head_weight() if classifier.has_activation else None
         self._label_bytes = np.array([[label.encode()] for label in settings.labels], dtype=object)
-        # The IMAGE dims the model fixes (batch axis excluded), checked for every request.
-        self._rank = len(classifier.input_shape) + 1
-        self._fixed_dims = tuple(
-            (axis, size)
-            for axis, size in enumerate(classifier.input_shape, start=1)
-            if isinstance(size, int)
-        )
+        self.checks = ImageChecks(settings, classifier.input_shape, layout)
 
     @property
     def num_classes(self) -> int:
         return self.classifier.num_classes
-
-    def check_request_size(self, shape: Sequence[int], itemsize: int) -> None:
-        """Reject an oversized IMAGE from its shape alone, before any pixel is read.
-
-        Triton has already capped the batch at max_batch_size and checked the dims it
-        knows; this bounds the bytes of one request and the pixels of one image, which
-        matters for variable-size inputs (config parameters max_request_bytes and
-        max_image_pixels).
-        """
-        dims = [int(d) for d in shape]
-        if any(d < 0 for d in dims):
-            raise InvalidInputError(f"IMAGE has a negative dimension in its shape {dims}")
-        nbytes = math.prod(dims) * int(itemsize)  # Python ints: absurd dims cannot overflow
-        limit = self.settings.max_request_bytes
-        if nbytes > limit:
-            raise InvalidInputError(
-                f"IMAGE of shape {dims} holds {nbytes} bytes, over this model's limit of "
-                f"{limit} bytes per request (config parameter max_request_bytes): "
-                "send fewer or smaller images per request"
-            )
-        if len(dims) == 4:
-            height, width = spatial_size(dims, self.layout)
-            if height * width > self.settings.max_image_pixels:
-                raise InvalidInputError(
-                    f"IMAGE images are {height}x{width} = {height * width} pixels, over this "
-                    f"model's limit of {self.settings.max_image_pixels} (config parameter "
-                    "max_image_pixels): downscale them"
-                )
-
-    def check_images(self, images: np.ndarray) -> np.ndarray:
-        """Reject what the forward pass must not see; Triton has already checked shape and dtype."""
-        self._check_layout(images)
-        low, high = _extremes(images)
-        problem = self._pixel_problem(low, high, images.dtype)
-        if problem is not None:
-            raise problem
-        return images
-
-    def _check_layout(self, images: np.ndarray) -> None:
-        """Element type, size and shape: everything that needs no pixel read."""
-        if not isinstance(images, np.ndarray) or images.dtype.kind not in "fiu":
-            kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-            raise InvalidInputError(f"IMAGE has element type {kind}; send real-valued pixels")
-        shape = images.shape
-        self.check_request_size(shape, images.dtype.itemsize)
-        if len(shape) != self._rank or any(shape[axis] != size for axis, size in self._fixed_dims):
-            expected = self.classifier.input_shape
-            raise InvalidInputError(
-                f"IMAGE has shape {list(shape)}; expected [batch, {', '.join(map(str, expected))}]"
-            )
-        if shape[0] == 0:
-            raise InvalidInputError("IMAGE holds an empty batch: send at least one image")
-
-    def _pixel_checks(
-        self, low: np.ndarray, high: np.ndarray, dtype: np.dtype
-    ) -> list[tuple[np.ndarray, str]]:
-        """Per-sample masks, in the order they are reported, from each sample's min and max
-        pixel (min/max propagate NaN; +-inf shows up as a non-finite extreme), each with its
-        message ({} = the failing samples)."""
-        checks = [
-            (
-                ~(np.isfinite(low) & np.isfinite(high)),
-                "IMAGE has NaN or Inf pixels in sample(s) {}: send finite pixel values",
-            )
-        ]
-        if dtype.kind == "f" and dtype.itemsize > 4:
-            big = float(np.finfo(np.float32).max)
-            checks.append(
-                (
-                    (low < -big) | (high > big),
-                    "IMAGE pixels in sample(s) {} exceed the float32 range the model computes "
-                    "in: send finite FP32 pixel values",
-                )
-            )
-        lo, hi = self.settings.pixel_min, self.settings.pixel_max
-        if lo is not None and hi is not None:
-            checks.append(
-                (
-                    (low < lo) | (high > hi),
-                    f"IMAGE pixels outside [{lo:g}, {hi:g}] in sample(s) {{}}: scale pixels "
-                    f"to [{lo:g}, {hi:g}] (e.g. divide 8-bit values by 255)",
-                )
-            )
-        return checks
-
-    def _pixel_problem(
-        self, low: np.ndarray, high: np.ndarray, dtype: np.dtype
-    ) -> InvalidInputError | None:
-        """The first thing wrong with one request's pixels, if anything."""
-        for mask, message in self._pixel_checks(low, high, dtype):
-            if mask.any():
-                return InvalidInputError(message.format(np.flatnonzero(mask).tolist()))
-        return None
 
     def _check_options(self, options: RequestOptions) -> None:
         if options.heatmap_method is not None and self.head_weight is None:
@@ -221,7 +122,7 @@ class TrustService:
         shaped: list[int] = []
         for i, request in enumerate(requests):
             try:
-                self._check_layout(request.images)
+                self.checks.check_layout(request.images)
                 shaped.append(i)
             except InvalidInputError as err:
                 answers[i] = err
@@ -242,39 +143,19 @@ class TrustService:
         answers: list[Outputs | InvalidInputError | None],
     ) -> tuple[list[int], np.ndarray]:
         """Pixel checks, then options, of well-shaped requests; returns the accepted ones and
-        their images in one array. The pixels of the whole batch are checked at once; a
-        request's own message is worked out only when some of its samples fail."""
-        parts = [requests[i].images for i in shaped]
-        images: np.ndarray | None = None
-        if all(p.shape[1:] == parts[0].shape[1:] for p in parts):
-            images = _join(parts)
-            low, high = _extremes(images)
-        else:  # variable-size inputs: one array cannot hold them all
-            pairs = [_extremes(p) for p in parts]
-            low = np.concatenate([pair[0] for pair in pairs])
-            high = np.concatenate([pair[1] for pair in pairs])
-        # The batch's dtype holds every request's values: its checks cover them all.
-        checks = self._pixel_checks(low, high, low.dtype)
-        rejected = checks[0][0]
-        for mask, _ in checks[1:]:
-            rejected = rejected | mask
-        any_rejected = bool(rejected.any())
+        their images in one array."""
+        problems, images = self.checks.screen([requests[i].images for i in shaped])
         accepted: list[int] = []
-        start = 0
-        for i, part in zip(shaped, parts, strict=True):
-            stop = start + len(part)
+        for i, problem in zip(shaped, problems, strict=True):
             try:
-                if any_rejected and rejected[start:stop].any():
-                    problem = self._pixel_problem(low[start:stop], high[start:stop], part.dtype)
-                    if problem is not None:
-                        raise problem
+                if problem is not None:
+                    raise problem
                 self._check_options(requests[i].options)
                 accepted.append(i)
             except InvalidInputError as err:
                 answers[i] = err
-            start = stop
         if accepted and (images is None or len(accepted) < len(shaped)):
-            images = _join([requests[i].images for i in accepted])
+            images = join_images([requests[i].images for i in accepted])
         return accepted, cast(np.ndarray, images)
 
     def _score(
@@ -425,18 +306,6 @@ class TrustService:
 
 def _needs_features(options: RequestOptions) -> bool:
     return options.scores is not None and not scores.NEEDS_FEATURES.isdisjoint(options.scores)
-
-
-def _join(parts: list[np.ndarray]) -> np.ndarray:
-    """One array of all images; a lone request's own array is used as is (no copy)."""
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-
-
-def _extremes(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each sample's smallest and largest pixel: two reductions instead of isfinite and two
-    comparisons over every pixel."""
-    flat = images.reshape(images.shape[0], -1)
-    return flat.min(axis=1), flat.max(axis=1)
 
 
 def _base_scores(
