@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -50,7 +49,7 @@ from gradtrust_client import (
     TrustClientError,
 )
 from tests.conftest import DEMO_MODEL, DEMO_ONNX, MODEL_REPOSITORY
-from tests.integration.triton_io import settled
+from tests.integration.triton_io import model_samples, settled
 
 pytestmark = pytest.mark.integration
 
@@ -353,14 +352,11 @@ def test_client_retries_until_the_server_is_up_when_it_starts_late(tmp_path, dig
 
 
 def _invalid_count(server: Any) -> float:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
-        text = resp.read().decode()
-    match = re.search(
-        rf'^gradtrust_invalid_requests_total\{{[^}}]*model="{server.model_name}"[^}}]*\}} (\S+)',
-        text,
-        flags=re.M,
+    return sum(
+        value
+        for name, _, value in model_samples(server)
+        if name == "gradtrust_invalid_requests_total"
     )
-    return float(match.group(1)) if match else 0.0
 
 
 def _request_count(server: Any) -> int:

@@ -8,30 +8,25 @@ and the endpoint's totals must match what was served, image for image and batch 
 from __future__ import annotations
 
 import json
-import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from tests.integration.triton_io import PROTOCOLS, infer, settled
-
-_SAMPLE = re.compile(r"^(gradtrust_[a-z_]+)\{([^}]*)\} (\S+)$", re.M)
+from tests.integration.triton_io import PROTOCOLS, infer, model_samples, settled
 
 
 def _totals(server: Any) -> dict[str, float]:
     """The model's gradtrust_* samples summed over everything but model and version
     (the ``+Inf`` bucket alone for the bucket series)."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
-        text = resp.read().decode()
     totals: dict[str, float] = {}
-    for name, labels, value in _SAMPLE.findall(text):
-        if f'model="{server.model_name}"' not in labels:
+    for name, labels, value in model_samples(server):
+        if not name.startswith("gradtrust_"):
             continue
-        if name.endswith("_bucket") and 'le="+Inf"' not in labels:
+        if name.endswith("_bucket") and labels.get("le") != "+Inf":
             continue
-        totals[name] = totals.get(name, 0.0) + float(value)
+        totals[name] = totals.get(name, 0.0) + value
     return totals
 
 

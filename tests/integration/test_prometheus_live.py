@@ -33,7 +33,7 @@ from gradtrust.metrics import (
     trust_buckets,
 )
 from gradtrust.serve import free_port
-from tests.integration.triton_io import infer, settled
+from tests.integration.triton_io import infer, model_samples, settled
 from tests.test_deploy import (
     K8S,
     RULE_FILES,
@@ -153,28 +153,20 @@ def prometheus(
 # --- what the server exports right now, read directly from its metrics port -----------------
 
 Key = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, labels other than model/version)
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _EXPORTED = re.compile(r"gradtrust_.+|nv_inference_.+")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
 def _key(name: str, labels: dict[str, str]) -> Key:
     return name, tuple(sorted((k, v) for k, v in labels.items() if k not in ("model", "version")))
 
 
-def _scrape(metrics_url: str, model: str) -> dict[Key, float]:
-    """The model's samples straight from Triton's endpoint (text exposition format)."""
-    with urllib.request.urlopen(metrics_url, timeout=5) as resp:
-        text = resp.read().decode()
-    values: dict[Key, float] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match is None or line.startswith("#"):
-            continue
-        labels = dict(_LABEL.findall(match.group(2) or ""))
-        if labels.get("model") == model and _EXPORTED.fullmatch(match.group(1)):
-            values[_key(match.group(1), labels)] = float(match.group(3))
-    return values
+def _scrape(server: Any) -> dict[Key, float]:
+    """The model's samples straight from Triton's endpoint."""
+    return {
+        _key(name, labels): value
+        for name, labels, value in model_samples(server)
+        if _EXPORTED.fullmatch(name)
+    }
 
 
 def _prometheus_values(prom: Prometheus, model: str) -> dict[Key, float]:
@@ -246,7 +238,7 @@ def traffic(triton_server: Any, prometheus: Prometheus, digits: Any) -> Traffic:
     """Sends the traffic once, sequentially (so every request runs as its own batch)."""
     model = triton_server.model_name
     # Earlier tests' predictions may still be on their way to the endpoint: wait them out.
-    current = settled(lambda: _scrape(triton_server.metrics_url, model))
+    current = settled(lambda: _scrape(triton_server))
     # Prometheus' view must have caught up with the server before the traffic starts.
     before = _wait_for(
         "Prometheus to hold the server's current counters",
@@ -268,7 +260,7 @@ def traffic(triton_server: Any, prometheus: Prometheus, digits: Any) -> Traffic:
         infer(triton_server, "http", np.full((1, 1, 28, 28), 2.0, np.float32))
     sent.requests_invalid += 1
     # The model publishes its metrics once a second (metrics_flush_seconds), not per request.
-    final = settled(lambda: _scrape(triton_server.metrics_url, model))
+    final = settled(lambda: _scrape(triton_server))
     sent.after = _wait_for(
         "Prometheus to scrape the counters after the traffic",
         lambda: (v := _prometheus_values(prometheus, model)) == final and v,

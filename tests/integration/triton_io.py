@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -14,6 +16,9 @@ import tritonclient.http as httpclient
 from gradtrust.config import DEFAULT_METRICS_FLUSH_SECONDS
 
 T = TypeVar("T")
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 PROTOCOLS = ("http", "grpc")
 CHEAP_OUTPUTS = ("LABEL", "CLASS_ID", "CONFIDENCE", "GRADTRUST")
@@ -77,3 +82,19 @@ def settled(read: Callable[[], T], timeout_s: float = 30.0) -> T:
             return now
         last = now
     raise AssertionError(f"metrics still changing after {timeout_s:.0f} s; last read: {last}")
+
+
+def model_samples(server: Any) -> list[tuple[str, dict[str, str], float]]:
+    """The server model's samples on the metrics endpoint, read straight from Triton (text
+    exposition format): (name, labels, value) for each line labelled with its model."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    samples = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None or line.startswith("#"):
+            continue
+        labels = dict(_LABEL.findall(match.group(2) or ""))
+        if labels.get("model") == server.model_name:
+            samples.append((match.group(1), labels, float(match.group(3))))
+    return samples
