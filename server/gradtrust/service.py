@@ -94,7 +94,6 @@ class TrustService:
             )
         self.classifier = classifier
         self.settings = settings
-        self.layout = layout  # NCHW or NHWC: where the heatmap size is in IMAGE
         self.calibration = calibration  # GradTrust -> P(correct), from `gradtrust calibrate`
         self.head_weight = classifier.head_weight() if classifier.has_activation else None
         self._label_bytes = np.array([[label.encode()] for label in settings.labels], dtype=object)
@@ -111,7 +110,7 @@ class TrustService:
                 "(the last conv activation before global average pooling); re-export it with "
                 "`gradtrust prepare`, or do not request HEATMAP"
             )
-        if options.scores and "gradnorm" in options.scores and not self.classifier.has_features:
+        if _needs_features(options) and not self.classifier.has_features:
             raise InvalidInputError(
                 "score gradnorm needs the model's 'features' output, which it lacks"
             )
@@ -210,7 +209,7 @@ class TrustService:
                         net[ACTIVATION][rows].astype(np.float64),
                         cast(np.ndarray, self.head_weight),  # not None: _check_options
                         logits[rows],
-                        size=spatial_size(request.images.shape, self.layout),
+                        size=spatial_size(request.images.shape, self.checks.layout),
                         contrast_class=options.contrast_class,
                     )
                     heatmap_seconds += time.perf_counter() - t0
@@ -284,7 +283,7 @@ class TrustService:
         column) pairs its requests get row slices of."""
 
         def needed(name: str) -> bool:
-            return any(kind is None or name in kind for kind in kinds)
+            return any(_named(kind, name) for kind in kinds)
 
         columns: dict[str, np.ndarray] = {}
         if needed(LABEL):
@@ -299,9 +298,14 @@ class TrustService:
             prob = self.calibration.apply(trust)  # elementwise; NaN (failed) rows stay NaN
             columns[TRUST_PROB] = prob.astype(np.float32).reshape(-1, 1)
         return {
-            kind: [(name, col) for name, col in columns.items() if kind is None or name in kind]
+            kind: [(name, col) for name, col in columns.items() if _named(kind, name)]
             for kind in kinds
         }
+
+
+def _named(outputs: frozenset[str] | None, name: str) -> bool:
+    """Whether a cheap output goes to requests that named ``outputs`` (None: the defaults)."""
+    return name in (DEFAULT_OUTPUTS if outputs is None else outputs)
 
 
 def _needs_features(options: RequestOptions) -> bool:

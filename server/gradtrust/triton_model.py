@@ -99,13 +99,12 @@ class TritonPythonModel:
             )
         except GradTrustError as err:
             raise pb_utils.TritonModelException(f"{self.model_name}: {err}") from err
-        self.output_names = [o["name"] for o in config["output"]]
-        self.all_outputs = frozenset(self.output_names)
-        self.plain_options: dict[tuple[bool, bool], RequestOptions] = {}
         self.output_dtypes = {
             o["name"]: np.dtype(pb_utils.triton_string_to_numpy(o["data_type"]))
             for o in config["output"]
         }
+        self.all_outputs = frozenset(self.output_dtypes)
+        self.plain_options: dict[tuple[bool, bool], RequestOptions] = {}
         self.metrics: TrustMetrics | None = TrustMetrics(
             pb_utils,
             model=self.model_name,
