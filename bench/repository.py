@@ -60,12 +60,50 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+# Appended to a model.py by ``--profile``: cProfile around every execute(), written to a
+# file when Triton unloads the model (finalize), so the stub's own costs can be read with
+# ``python -m pstats``.
+_PROFILE_SUFFIX = """
+
+import cProfile as _cProfile
+
+_profile = _cProfile.Profile()
+_execute = TritonPythonModel.execute
+_finalize = getattr(TritonPythonModel, "finalize", None)
+
+
+def _profiled_execute(self, requests):
+    _profile.enable()
+    try:
+        return _execute(self, requests)
+    finally:
+        _profile.disable()
+
+
+def _profiled_finalize(self):
+    if _finalize is not None:
+        _finalize(self)
+    _profile.dump_stats({path!r})
+
+
+TritonPythonModel.execute = _profiled_execute
+TritonPythonModel.finalize = _profiled_finalize
+"""
+
+
 def build_repository(
-    root: Path, keys: list[str], image_size: int, instances: int, source: Path | None = None
+    root: Path,
+    keys: list[str],
+    image_size: int,
+    instances: int,
+    source: Path | None = None,
+    profile_dir: Path | None = None,
 ) -> list[Served]:
     """Write the benchmark model repository under ``root``. With ``source``, every model's
     ``model.py`` imports ``gradtrust`` from that directory first (an A/B test of a modified
-    copy; the Python stub ignores PYTHONPATH, so the path goes into ``model.py``)."""
+    copy; the Python stub ignores PYTHONPATH, so the path goes into ``model.py``). With
+    ``profile_dir``, every model profiles its ``execute`` calls into
+    ``profile_dir/<model>.prof`` when the server unloads it."""
     prefix = "" if source is None else f"import sys\n\nsys.path.insert(0, {str(source)!r})\n"
     base = (DEMO_DIR / "config.pbtxt").read_text()
     served = []
@@ -90,7 +128,12 @@ def build_repository(
             (root / model / "1").mkdir(parents=True)
             (root / model / "config.pbtxt").write_text(text)
             (root / model / "labels.txt").write_text(labels)
-            (root / model / "1" / "model.py").write_text(prefix + model_py.read_text())
+            suffix = (
+                ""
+                if profile_dir is None
+                else _PROFILE_SUFFIX.format(path=str(profile_dir.resolve() / f"{model}.prof"))
+            )
+            (root / model / "1" / "model.py").write_text(prefix + model_py.read_text() + suffix)
             _link(onnx, root / model / "1" / "model.onnx")
         served.append(Served(key, name, f"{name}_plain", dims, classes))
     return served

@@ -328,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--source", type=Path, default=None, help="import gradtrust from this directory (A/B)"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="cProfile each model's execute() into DIR/<model>.prof (read: python -m pstats)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     plan = QUICK if args.quick else FULL
@@ -349,7 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     info = common.machine()
     try:
         source = args.source.resolve() if args.source else None
-        served = build_repository(tmp / "repo", keys, size, args.instances, source)
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+        served = build_repository(
+            tmp / "repo", keys, size, args.instances, source, profile_dir=args.profile
+        )
         server = start_server(
             tmp / "repo",
             ports=Ports(http=free_port(), grpc=free_port(), metrics=free_port()),

@@ -8,6 +8,7 @@ JSON and markdown, so that ``make bench`` cannot rot unnoticed.
 from __future__ import annotations
 
 import json
+import pstats
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,9 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.integration
 
 
-def _run_quick(module: str, out: Path) -> subprocess.CompletedProcess[str]:
+def _run_quick(module: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", module, "--quick", "--out", str(out)],
+        [sys.executable, "-m", module, "--quick", "--out", str(out), *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -60,7 +61,7 @@ def test_bench_inprocess_times_every_model_and_batch_when_run_quick(tmp_path: Pa
 
 
 def test_bench_serving_answers_every_cell_without_errors_when_run_quick(tmp_path: Path) -> None:
-    _run_quick("bench.serving", tmp_path)
+    _run_quick("bench.serving", tmp_path, "--profile", str(tmp_path / "profiles"))
     data = _load(tmp_path, "serving_quick")
     cells = data["cells"]
     variants = {"plain", "class_id", "gradtrust", "scores", "heatmap"}
@@ -81,3 +82,7 @@ def test_bench_serving_answers_every_cell_without_errors_when_run_quick(tmp_path
     assert {"stub:gradtrust_mnist", "stub:gradtrust_mnist_plain"} <= names
     assert memory["sustained"]["requests"] > 0 and memory["sustained"]["errors"] == 0
     assert memory["after_sustained"]["total_mib"] > 0
+    # --profile: each served model wrote its execute() profile when the server unloaded it.
+    for model in ("gradtrust_mnist", "gradtrust_mnist_plain", "bench_resnet18"):
+        stats = pstats.Stats(str(tmp_path / "profiles" / f"{model}.prof"))
+        assert any(func[2] == "execute" for func in stats.stats), model
