@@ -10,7 +10,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[server,client,dev]'
+	$(BIN)/pip install -q -e '.[server,client,eval,dev]'
 	touch $(STAMP)
 
 # Serve the bundled demo model with the real tritonserver until Ctrl-C.
@@ -19,7 +19,7 @@ serve: install
 
 # Start the server, classify a few real test digits through the client, stop the server.
 demo: install
-	$(BIN)/python -m gradtrust.demo.run --model-repository $(REPO)
+	$(BIN)/python -m gradtrust.tools.demo.run --model-repository $(REPO)
 
 # System tools the tests need: promtool, a Prometheus server and amtool (Debian's packages).
 test-tools:
@@ -40,7 +40,7 @@ test: install test-tools lint typecheck
 
 # Re-train the demo classifier deterministically and re-export it (not needed to serve or test).
 train-demo: install
-	$(BIN)/python -m gradtrust.demo.train --repository $(REPO)
+	$(BIN)/python -m gradtrust.tools.demo.train --repository $(REPO)
 
 # Misprediction, calibration, corruption and OOD evaluation of every score on the demo
 # model; rewrites docs/EVALUATION.md's generated section and docs/img/evaluation/.

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.models import ModelSpec
-from gradtrust import scores
-from gradtrust.runtime import FEATURES, LOGITS
+from gradtrust.core import scores
+from gradtrust.serving.classifier import FEATURES, LOGITS
 
 Forward = Callable[[np.ndarray, list[str]], dict[str, np.ndarray]]
 

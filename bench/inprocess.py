@@ -3,10 +3,10 @@
 For each model (the demo CNN, C = 10; a ResNet-18-sized CNN, C = 1000) and batch size:
 
 - ``forward``: onnxruntime, logits only (what a plain classifier server runs);
-- ``scores``: every closed-form score of :mod:`gradtrust.scores` (all eight, gradnorm
+- ``scores``: every closed-form score of :mod:`gradtrust.core.scores` (all eight, gradnorm
   included) on that forward pass's logits and features, timed on their own, so that the
   added cost is measured directly rather than as a difference of two noisy numbers;
-- ``service``: everything :class:`gradtrust.service.TrustService` adds to the forward pass
+- ``service``: everything :class:`gradtrust.serving.service.TrustService` adds to the forward pass
   (input checks, float64 copies, scores, output arrays) for N requests of one image each,
   as Triton's dynamic batcher hands them over, with the forward pass itself replaced by
   its cached result;
@@ -35,11 +35,11 @@ import torch
 from bench import _common as common
 from bench.autograd import bench_autograd
 from bench.models import ModelSpec, demo_cnn, resnet18_like
-from gradtrust import scores
-from gradtrust.config import ModelSettings, RequestOptions
+from gradtrust.core import scores
 from gradtrust.errors import ConfigError
-from gradtrust.runtime import FEATURES, LOGITS, OnnxClassifier
-from gradtrust.service import ScoringRequest, TrustService
+from gradtrust.serving.classifier import FEATURES, LOGITS, OnnxClassifier
+from gradtrust.serving.service import ScoringRequest, TrustService
+from gradtrust.serving.settings import ModelSettings, RequestOptions
 
 log = logging.getLogger("bench.inprocess")
 Forward = Callable[[np.ndarray, list[str]], dict[str, np.ndarray]]

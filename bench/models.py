@@ -3,7 +3,7 @@
 The larger network exists so that the forward pass costs what a real image classifier
 costs (11.7 M parameters, about 1.8 GFLOP per 224 x 224 image); its weights are random
 because only time is measured. It follows the serving convention of
-:mod:`gradtrust.runtime`: outputs ``logits`` (N, C), ``features`` (N, 512) and
+:mod:`gradtrust.serving.classifier`: outputs ``logits`` (N, C), ``features`` (N, 512) and
 ``activation`` (N, 512, h, w), the last ReLU activation feeding global average pooling.
 Its ONNX export is cached on disk, keyed by everything that changes the bytes.
 """
@@ -144,7 +144,7 @@ def demo_cnn() -> ModelSpec:
     ``model.onnx``, so that the ONNX file and the torch twin used for autograd are
     guaranteed to be the same network.
     """
-    from gradtrust.demo.cnn import load_demo_model
+    from gradtrust.tools.demo.cnn import load_demo_model
 
     model = load_demo_model(DEMO_WEIGHTS)
     shape = (1, 28, 28)

@@ -1,5 +1,5 @@
 """Triton Python-backend model for the benchmarks' "plain" baseline: the same onnxruntime
-session as GradTrust Serve (:class:`gradtrust.runtime.OnnxClassifier`, same options), the
+session as GradTrust Serve (:class:`gradtrust.serving.classifier.OnnxClassifier`, same options), the
 same batching, but it returns the logits and nothing else: no input checks, no scores,
 no metrics. ``bench/serving.py`` copies this file to ``1/model.py`` of a generated model
 (no ``from __future__`` import: the benchmark may put lines before the imports).
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from gradtrust.runtime import LOGITS, OnnxClassifier
+from gradtrust.serving.classifier import LOGITS, OnnxClassifier
 
 
 class TritonPythonModel:

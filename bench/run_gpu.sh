@@ -15,7 +15,7 @@ py=${PYTHON:-python3}
   nvidia-smi || true
   nproc
   free -m
-  "$py" -c "import torch, onnxruntime, numpy, gradtrust.scores as s; print('torch', \
+  "$py" -c "import torch, onnxruntime, numpy, gradtrust.core.scores as s; print('torch', \
 torch.__version__, torch.cuda.is_available(), 'onnxruntime', onnxruntime.__version__, \
 onnxruntime.get_available_providers(), 'numpy', numpy.__version__, 'scores from', s.__file__)"
 } >"$out/env.txt" 2>&1

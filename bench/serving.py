@@ -38,7 +38,7 @@ from bench import _common as common
 from bench import memory
 from bench.loadgen import VARIANTS, Request, closed_loop, make_client, sequential, triton_counts
 from bench.repository import Served, build_repository
-from gradtrust.serve import Ports, TritonServer, free_port, start_server
+from gradtrust.ops.tritonserver import Ports, TritonServer, free_port, start_server
 
 log = logging.getLogger("bench.serving")
 

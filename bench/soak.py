@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from gradtrust import scores
-from gradtrust._proc import tree_rss
-from gradtrust.serve import Ports, free_port, start_server
+from gradtrust.core import scores
+from gradtrust.ops.processes import tree_rss
+from gradtrust.ops.tritonserver import Ports, free_port, start_server
 from gradtrust_client import NO_RETRY, TrustClient, TrustClientError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gradtrust.serve import Ports, TritonServer, free_port, start_server
+from gradtrust.ops.tritonserver import Ports, TritonServer, free_port, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = ROOT / "model_repository"

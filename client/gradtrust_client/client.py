@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from gradtrust_client import _contract as C
 from gradtrust_client._transport import DEFAULT_URLS, ParamValue, Transport
 from gradtrust_client.errors import (
     InvalidImageError,
@@ -29,7 +30,7 @@ from gradtrust_client.retry import DEFAULT_RETRY, RetryPolicy
 
 DEFAULT_MODEL = "gradtrust_mnist"
 METHODS = tuple(QUESTIONS)
-_BASE_OUTPUTS = ("LABEL", "CLASS_ID", "CONFIDENCE", "GRADTRUST")
+_BASE_OUTPUTS = (C.LABEL, C.CLASS_ID, C.CONFIDENCE, C.GRADTRUST)
 
 Images = np.ndarray | Sequence[str | os.PathLike[str]] | str | os.PathLike[str]
 
@@ -190,23 +191,23 @@ class TrustClient:
         names = self._score_names(scores, info)
         params: dict[str, ParamValue] = {}
         if names:
-            params["scores"] = ",".join(names)
+            params[C.PARAM_SCORES] = ",".join(names)
         if contrast_k is not None:
             if isinstance(contrast_k, bool) or not isinstance(contrast_k, int | np.integer):
                 raise InvalidRequestError(f"contrast_k must be an integer, got {contrast_k!r}")
             if contrast_k < 1:
                 raise InvalidRequestError(f"contrast_k must be at least 1, got {contrast_k}")
-            params["contrast_k"] = int(contrast_k)
+            params[C.PARAM_CONTRAST_K] = int(contrast_k)
         outputs = [
             *_BASE_OUTPUTS,
-            *(["SCORES"] if names else []),
-            *(["TRUST_PROB"] if trust_prob else []),
+            *([C.SCORES] if names else []),
+            *([C.TRUST_PROB] if trust_prob else []),
         ]
         results: list[Prediction] = []
         for arrays in self._run(images, info, outputs, params):
             base = _base_fields(arrays)
-            table = _rows(arrays, "SCORES", len(names)) if names else None
-            probs = _rows(arrays, "TRUST_PROB", 1) if trust_prob else None
+            table = _rows(arrays, C.SCORES, len(names)) if names else None
+            probs = _rows(arrays, C.TRUST_PROB, 1) if trust_prob else None
             for i, (label, class_id, confidence, gradtrust) in enumerate(base):
                 row = None if table is None else dict(zip(names, map(float, table[i]), strict=True))
                 prob = None if probs is None else float(probs[i, 0])
@@ -228,25 +229,25 @@ class TrustClient:
             raise InvalidRequestError(
                 f"unknown explanation method {method!r}: use one of {', '.join(METHODS)}"
             )
-        params: dict[str, ParamValue] = {"heatmap_method": method}
+        params: dict[str, ParamValue] = {C.PARAM_HEATMAP_METHOD: method}
         if contrast is not None:
             if method != "contrast":
                 raise InvalidRequestError(
                     f"a contrast class only applies to method='contrast', not {method!r}"
                 )
-            params["contrast_class"] = _check_contrast(contrast)
+            params[C.PARAM_CONTRAST_CLASS] = _check_contrast(contrast)
         info = self.model_info()
         with_stats = method == "voice"
-        outputs = [*_BASE_OUTPUTS, "HEATMAP", *(["HEATMAP_STATS"] if with_stats else [])]
+        outputs = [*_BASE_OUTPUTS, C.HEATMAP, *([C.HEATMAP_STATS] if with_stats else [])]
         results: list[Explanation] = []
         for arrays in self._run(images, info, outputs, params):
-            heatmaps = np.array(arrays["HEATMAP"], dtype=np.float32)
-            if heatmaps.ndim != 3 or len(heatmaps) != len(arrays["CLASS_ID"]):
+            heatmaps = np.array(arrays[C.HEATMAP], dtype=np.float32)
+            if heatmaps.ndim != 3 or len(heatmaps) != len(arrays[C.CLASS_ID]):
                 raise TrustClientError(
                     f"server returned HEATMAP of shape {heatmaps.shape}; expected (N, H, W)"
                 )
             heatmaps.setflags(write=False)
-            stats = _rows(arrays, "HEATMAP_STATS", 2) if with_stats else None
+            stats = _rows(arrays, C.HEATMAP_STATS, 2) if with_stats else None
             for i, fields in enumerate(_base_fields(arrays)):
                 stat = (
                     None
@@ -358,7 +359,7 @@ def _check_contrast(contrast: int | str) -> int | str:
 
 def _rows(arrays: dict[str, np.ndarray], name: str, columns: int) -> np.ndarray:
     table = np.asarray(arrays[name], dtype=np.float64)
-    count = len(arrays["CLASS_ID"])
+    count = len(arrays[C.CLASS_ID])
     if table.shape != (count, columns):
         raise TrustClientError(
             f"server returned {name} of shape {table.shape}; expected ({count}, {columns})"
@@ -367,10 +368,10 @@ def _rows(arrays: dict[str, np.ndarray], name: str, columns: int) -> np.ndarray:
 
 
 def _base_fields(arrays: dict[str, np.ndarray]) -> list[tuple[str, int, float, float]]:
-    labels = np.asarray(arrays["LABEL"]).reshape(-1)
-    ids = np.asarray(arrays["CLASS_ID"]).reshape(-1)
-    confidence = np.asarray(arrays["CONFIDENCE"], dtype=np.float64).reshape(-1)
-    gradtrust = np.asarray(arrays["GRADTRUST"], dtype=np.float64).reshape(-1)
+    labels = np.asarray(arrays[C.LABEL]).reshape(-1)
+    ids = np.asarray(arrays[C.CLASS_ID]).reshape(-1)
+    confidence = np.asarray(arrays[C.CONFIDENCE], dtype=np.float64).reshape(-1)
+    gradtrust = np.asarray(arrays[C.GRADTRUST], dtype=np.float64).reshape(-1)
     if not len(labels) == len(ids) == len(confidence) == len(gradtrust):
         raise TrustClientError(
             "server returned outputs of different lengths: "
@@ -389,8 +390,8 @@ def _text(value: Any) -> str:
 
 def _parse_config(model: str, config: dict[str, Any]) -> ModelInfo:
     inputs = config.get("input") or []
-    chosen = [item for item in inputs if item.get("name") == "IMAGE"] or [
-        item for item in inputs if item.get("name") != "IMAGE_BYTES"
+    chosen = [item for item in inputs if item.get("name") == C.IMAGE] or [
+        item for item in inputs if item.get("name") != C.IMAGE_BYTES
     ]
     if len(chosen) != 1:
         raise TrustClientError(
@@ -416,8 +417,8 @@ def _parse_config(model: str, config: dict[str, Any]) -> ModelInfo:
         default_scores=tuple(_split(_param(parameters, "scores"))),
         labels=tuple(_split(_param(parameters, "labels"))) or None,
         outputs=tuple(str(out.get("name")) for out in config.get("output") or []),
-        encoded_input="IMAGE_BYTES"
-        if any(i.get("name") == "IMAGE_BYTES" for i in inputs)
+        encoded_input=C.IMAGE_BYTES
+        if any(i.get("name") == C.IMAGE_BYTES for i in inputs)
         else None,
     )
 

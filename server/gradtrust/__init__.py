@@ -7,9 +7,8 @@ The numeric core is importable without Triton or torch::
 
 from importlib.metadata import PackageNotFoundError, version
 
-from gradtrust.errors import ConfigError, GradTrustError, InvalidInputError, ServerError
-from gradtrust.heatmaps import explain
-from gradtrust.scores import (
+from gradtrust.core.heatmaps import explain
+from gradtrust.core.scores import (
     SCORE_NAMES,
     compute_scores,
     contrast_trust,
@@ -22,6 +21,7 @@ from gradtrust.scores import (
     msp,
     softmax,
 )
+from gradtrust.errors import ConfigError, GradTrustError, InvalidInputError, ServerError
 
 try:
     __version__ = version("gradtrust-serve")

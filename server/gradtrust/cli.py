@@ -1,116 +1,74 @@
-"""``gradtrust``: the server-side command line (serve a model repository)."""
+"""``gradtrust``: the server-side command line.
+
+Each sub-command lives in its own layer and is imported only when it runs, so
+``gradtrust serve`` imports neither torch nor onnx nor the evaluation tools (and works
+with only the ``server`` extra installed).
+"""
 
 from __future__ import annotations
 
 import argparse
-import signal
+import importlib
 import sys
-import threading
 from collections.abc import Sequence
-from pathlib import Path
-from types import FrameType
+from types import ModuleType
 
-from gradtrust.errors import GradTrustError, ServerError
-from gradtrust.evaluation.cli import register as register_evaluation
-from gradtrust.prepare.cli import register as register_prepare
-from gradtrust.serve import ADMIN_KEY_ENV, Ports, TritonServer, admin_key_from_env, start_server
-from gradtrust.supervisor import Supervisor
+from gradtrust.errors import GradTrustError
 
-
-def _serve(args: argparse.Namespace) -> int:
-    ports = Ports(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
-    admin_key = admin_key_from_env() if args.production else None
-    mode = " (production configuration)" if admin_key else ""
-    print(f"starting tritonserver on {args.model_repository}{mode} ...", flush=True)
-
-    def start() -> TritonServer:
-        return start_server(
-            args.model_repository,
-            ports=ports,
-            timeout_s=args.timeout,
-            admin_key=admin_key,
-            address=args.address,
-        )
-
-    supervisor = Supervisor(start) if args.restart else None
-    server = supervisor.server if supervisor is not None else start()
-    for name, reason in server.failed_models.items():
-        print(f"FAILED to load {name}: {reason.strip().splitlines()[0]}", file=sys.stderr)
-    admin = (
-        f"  admin    model-repository/logging/trace/shared-memory APIs need the key from "
-        f"${ADMIN_KEY_ENV} (header gradtrust-admin-key)\n"
-        if admin_key
-        else ""
-    )
-    print(
-        "\nready: " + ", ".join(server.models) + "\n"
-        f"  HTTP     http://{server.http_url}  (KServe v2: /v2/models/<name>/infer)\n"
-        f"  gRPC     {server.grpc_url}\n"
-        f"  metrics  {server.metrics_url}\n" + admin + "try:  gradtrust-client predict "
-        "examples/digits/*.png\n"
-        "stop: Ctrl-C",
-        flush=True,
-    )
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    while not stop.is_set():
-        if supervisor is not None:
-            try:
-                supervisor.check()  # restarts tritonserver if a model's stub process died
-            except ServerError as err:
-                print(f"gradtrust: error: {err}", file=sys.stderr)
-                supervisor.stop(drain_s=5)
-                return 1
-        elif server.process.poll() is not None:
-            print(f"tritonserver exited with code {server.process.returncode}", file=sys.stderr)
-            return 1
-        stop.wait(0.5)
-    print("\nstopping tritonserver (draining in-flight requests) ...", flush=True)
-    code = supervisor.stop() if supervisor is not None else server.stop()
-    print(f"stopped (exit code {code})", flush=True)
-    return 0
+#: sub-command -> (module with a ``register(subparsers)`` function, one-line help, extra).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "serve": (
+        "gradtrust.ops.serve_command",
+        "run tritonserver on a model repository until Ctrl-C",
+        "server",
+    ),
+    "prepare": (
+        "gradtrust.tools.prepare.cli",
+        "turn an ONNX or torch classifier into a model-repository entry",
+        "eval",
+    ),
+    "evaluate": (
+        "gradtrust.tools.evaluate.cli",
+        "score every trust method on clean, corrupted and out-of-distribution data",
+        "eval",
+    ),
+    "calibrate": (
+        "gradtrust.tools.evaluate.cli",
+        "fit TRUST_PROB and the low-trust threshold of an entry on labelled data",
+        "eval",
+    ),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with ``command``'s arguments; the other sub-commands are listed (for
+    ``--help``) without importing their modules."""
     parser = argparse.ArgumentParser(prog="gradtrust", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run tritonserver on a model repository until Ctrl-C")
-    serve.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
-    serve.add_argument(
-        "--production",
-        action="store_true",
-        help=f"model control off; model-repository, logging, trace and shared-memory APIs only "
-        f"with the admin key from ${ADMIN_KEY_ENV}; a model that fails to load does not stop "
-        "the others (docs/SECURITY.md)",
-    )
-    serve.add_argument(
-        "--address",
-        default=None,
-        help="interface for HTTP, gRPC and metrics (default: all; 127.0.0.1: this host only)",
-    )
-    serve.add_argument(
-        "--no-restart",
-        dest="restart",
-        action="store_false",
-        help="do not restart tritonserver when a Python backend stub process dies",
-    )
-    serve.set_defaults(func=_serve)
-    register_prepare(sub)
-    register_evaluation(sub)
+    module_name = COMMANDS[command][0] if command in COMMANDS else None
+    for name, (module, help_text, _) in COMMANDS.items():
+        if module != module_name:
+            sub.add_parser(name, help=help_text)
+    if module_name is not None:
+        _load(command or "").register(sub)
     return parser
 
 
+def _load(command: str) -> ModuleType:
+    module, _, extra = COMMANDS[command]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        raise SystemExit(
+            f"gradtrust: error: `gradtrust {command}` needs {err.name!r}, which is not "
+            f"installed: pip install 'gradtrust-serve[{extra}]'"
+        ) from err
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args.func(args))
     except GradTrustError as err:

@@ -1,4 +1,5 @@
-"""Fixtures for tests that need a second, differently configured server."""
+"""Integration tests: each one talks to a real tritonserver. Every test in this folder is
+marked ``integration`` here; fixtures for a second, differently configured server."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from gradtrust.evaluation.calibration import FILENAME as CALIBRATION_FILE
-from gradtrust.serve import Ports, TritonServer, free_port, start_server
+from gradtrust.core.calibration import FILENAME as CALIBRATION_FILE
+from gradtrust.ops.tritonserver import Ports, TritonServer, free_port, start_server
 from tests.conftest import DEMO_MODEL, DEMO_ONNX, MODEL_REPOSITORY
 
 
@@ -37,3 +38,11 @@ def bare_demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trito
         yield server
     finally:
         server.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test collected from this folder: they all start or use a real server."""
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if here in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.integration)

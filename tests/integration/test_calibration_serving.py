@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from gradtrust.evaluation.calibration import check_heldout, load_model_calibration
-from gradtrust.evaluation.roundtrip import heldout_set
+from gradtrust.core.calibration import load_model_calibration
+from gradtrust.tools.evaluate.calibration import check_heldout
+from gradtrust.tools.evaluate.roundtrip import heldout_set
 from tests.conftest import DEMO_MODEL, MODEL_REPOSITORY
 from tests.integration.triton_io import PROTOCOLS, infer
 

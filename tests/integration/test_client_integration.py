@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradtrust.serve import free_port
+from gradtrust.ops.tritonserver import free_port
 from gradtrust_client import (
     InvalidRequestError,
     ModelNotReadyError,
@@ -192,7 +192,7 @@ def test_cli_entry_point_runs_as_installed_script_when_called_from_shell(triton_
 
 
 def test_trust_client_returns_calibrated_trust_prob_when_asked(client, digits):
-    from gradtrust.evaluation.calibration import load_model_calibration
+    from gradtrust.core.calibration import load_model_calibration
     from tests.conftest import DEMO_MODEL, MODEL_REPOSITORY
 
     calibration = load_model_calibration(MODEL_REPOSITORY / DEMO_MODEL)

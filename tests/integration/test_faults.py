@@ -8,7 +8,7 @@ What Triton 2.51 itself does, found here and relied on by the rest of the projec
   ``--exit-on-error=false`` (the production configuration) it serves the other models;
 - a Python backend stub killed with SIGKILL is neither restarted nor reaped: the model
   stays READY and every request to it fails with INTERNAL "Stub process ... is not
-  healthy", for good. :class:`gradtrust.supervisor.Supervisor` (used by ``gradtrust
+  healthy", for good. :class:`gradtrust.ops.supervisor.Supervisor` (used by ``gradtrust
   serve``) restarts the server, and retrying clients never notice;
 - SIGTERM closes the HTTP listener at once (new connections are refused; requests on
   connections already open are still served) and finishes every request already accepted.
@@ -34,11 +34,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from gradtrust import scores
-from gradtrust._proc import stubs_launched_by
+from gradtrust.core import scores
 from gradtrust.errors import ServerError
-from gradtrust.serve import Ports, TritonServer, free_port, start_server
-from gradtrust.supervisor import Supervisor
+from gradtrust.ops.processes import stubs_launched_by
+from gradtrust.ops.supervisor import Supervisor
+from gradtrust.ops.tritonserver import Ports, TritonServer, free_port, start_server
 from gradtrust_client import (
     NO_RETRY,
     InvalidRequestError,
@@ -59,7 +59,7 @@ PATIENT = RetryPolicy(attempts=30, initial_backoff_s=0.1, max_backoff_s=0.5)
 SLOW_MODEL_PY = '''"""Test only: the demo model, 1.5 s slower per batch: requests stay queued."""
 import time
 
-from gradtrust.triton_model import TritonPythonModel as _Served
+from gradtrust.triton.model import TritonPythonModel as _Served
 
 
 class TritonPythonModel(_Served):
@@ -178,7 +178,7 @@ def test_triton_fails_every_request_but_reports_ready_when_stub_is_killed_withou
     tmp_path, digits
 ):
     server = _start(MODEL_REPOSITORY, tmp_path)
-    probe = [sys.executable, "-m", "gradtrust.supervisor", "--pid", str(server.process.pid)]
+    probe = [sys.executable, "-m", "gradtrust.ops.supervisor", "--pid", str(server.process.pid)]
     try:
         with TrustClient(server.http_url, "http", DEMO_MODEL, retry=NO_RETRY) as client:
             client.predict(digits[0][:1])

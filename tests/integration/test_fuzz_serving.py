@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gradtrust import scores
-from gradtrust._proc import stubs_launched_by
+from gradtrust.core import scores
+from gradtrust.ops.processes import stubs_launched_by
 from tests.conftest import DEMO_ONNX
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from gradtrust.heatmaps import explain
-from gradtrust.runtime import head_weight_from_onnx
+from gradtrust.core.heatmaps import explain
+from gradtrust.serving.classifier import head_weight_from_onnx
 from tests.conftest import DEMO_ONNX
 from tests.integration.triton_io import PROTOCOLS, infer
 

@@ -1,7 +1,7 @@
 """Under concurrent load, the published metrics count every prediction exactly once.
 
 The model records each batch in process and a background thread publishes the counts
-(gradtrust.metrics); here many clients race that thread through the real tritonserver,
+(gradtrust.serving.telemetry); here many clients race that thread through the real tritonserver,
 and the endpoint's totals must match what was served, image for image and batch for batch.
 """
 

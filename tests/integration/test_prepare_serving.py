@@ -4,7 +4,7 @@ Every zoo classifier (tests/test_prepare_zoo.py) is exported to ONNX, run throug
 ``gradtrust prepare`` into one temporary model repository, and served by a single
 tritonserver. Served labels, confidences, scores and heatmaps must equal what the torch
 model gives in float64 (scores from its logits and features, heatmaps from
-``torch.autograd`` via :mod:`gradtrust.heatmaps_torch`) to 1e-4; PNG and JPEG files sent
+``torch.autograd`` via :mod:`tests.reference.autograd_heatmaps`) to 1e-4; PNG and JPEG files sent
 as ``IMAGE_BYTES`` must give the same answers as their decoded, normalised arrays.
 """
 
@@ -26,13 +26,13 @@ from PIL import Image
 from torch import nn
 from tritonclient.utils import InferenceServerException
 
-from gradtrust import scores
-from gradtrust.config import DEFAULT_SCORES
-from gradtrust.heatmaps_torch import autograd_explain
-from gradtrust.prepare import cli
-from gradtrust.runtime import FEATURES, LOGITS
-from gradtrust.serve import Ports, TritonServer, free_port, start_server
-from tests.test_prepare_zoo import ZOO, ZOO_BY_NAME, ZooModel, export, torch_outputs
+from gradtrust.core import scores
+from gradtrust.ops.tritonserver import Ports, TritonServer, free_port, start_server
+from gradtrust.serving.classifier import FEATURES, LOGITS
+from gradtrust.serving.settings import DEFAULT_SCORES
+from gradtrust.tools.prepare import cli
+from tests.reference.autograd_heatmaps import autograd_explain
+from tests.unit.test_prepare_zoo import ZOO, ZOO_BY_NAME, ZooModel, export, torch_outputs
 
 pytestmark = pytest.mark.integration
 

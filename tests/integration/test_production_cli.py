@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from gradtrust.serve import ADMIN_HEADER, ADMIN_KEY_ENV, Ports, free_port, start_server
+from gradtrust.ops.tritonserver import ADMIN_HEADER, ADMIN_KEY_ENV, Ports, free_port, start_server
 from tests.conftest import DEMO_MODEL, MODEL_REPOSITORY
 from tests.integration.triton_io import PROTOCOLS, infer, read_until_ready
 

@@ -26,15 +26,15 @@ import pytest
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from gradtrust.metrics import (
+from gradtrust.ops.tritonserver import free_port
+from gradtrust.serving.telemetry import (
     CONFIDENCE_BUCKETS,
     NORMALIZED_TRUST_BUCKETS,
     normalize_trust,
     trust_buckets,
 )
-from gradtrust.serve import free_port
 from tests.integration.triton_io import infer, model_samples, settled
-from tests.test_deploy import (
+from tests.unit.test_deploy import (
     K8S,
     RULE_FILES,
     TRITON_JOB,

@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from gradtrust.errors import ServerError
-from gradtrust.serve import (
+from gradtrust.ops.tritonserver import (
     ADMIN_HEADER,
     ADMIN_KEY_ENV,
     GRPC_ADMIN_HEADER,

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from gradtrust.serve import free_port
+from gradtrust.ops.tritonserver import free_port
 from tests.conftest import MODEL_REPOSITORY
 from tests.integration.triton_io import read_until_ready
 

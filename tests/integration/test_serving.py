@@ -1,7 +1,7 @@
 """The demo model served by a real tritonserver, over HTTP and gRPC.
 
 Every served value is compared with the same computation done in-process: onnxruntime
-for the network, :mod:`gradtrust.scores` for the scores.
+for the network, :mod:`gradtrust.core.scores` for the scores.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from gradtrust import scores
-from gradtrust.config import DEFAULT_SCORES
+from gradtrust.core import scores
+from gradtrust.serving.settings import DEFAULT_SCORES
 from tests.conftest import DEMO_ONNX
 from tests.integration.triton_io import PROTOCOLS, infer
 

@@ -13,7 +13,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from gradtrust.config import DEFAULT_METRICS_FLUSH_SECONDS
+from gradtrust.serving.settings import DEFAULT_METRICS_FLUSH_SECONDS
 
 T = TypeVar("T")
 

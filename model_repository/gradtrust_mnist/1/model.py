@@ -1,5 +1,5 @@
 """Triton entry point: all logic lives in the installed ``gradtrust`` package."""
 
-from gradtrust.triton_model import TritonPythonModel
+from gradtrust.triton.model import TritonPythonModel
 
 __all__ = ["TritonPythonModel"]

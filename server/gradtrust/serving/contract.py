@@ -1,0 +1,88 @@
+"""The wire contract: every name a client, a config file or a prepared ONNX file shares
+with the server, defined once.
+
+Everything on the server side imports these names from here (the service, the Triton
+adapter, ``gradtrust prepare`` writing config.pbtxt). The client library, which must not
+depend on the server package, keeps its own copy in ``gradtrust_client/_contract.py``;
+``tests/unit/test_contract.py`` checks that both agree.
+"""
+
+from __future__ import annotations
+
+from gradtrust.core.heatmaps import METHODS as HEATMAP_METHODS
+
+# Input tensors.
+IMAGE = "IMAGE"
+#: PNG/JPEG bytes, decoded and preprocessed in the server (entries made by `prepare`).
+IMAGE_BYTES = "IMAGE_BYTES"
+
+# Output tensors, as in config.pbtxt.
+LABEL = "LABEL"
+CLASS_ID = "CLASS_ID"
+CONFIDENCE = "CONFIDENCE"
+GRADTRUST = "GRADTRUST"
+SCORES = "SCORES"
+HEATMAP = "HEATMAP"
+HEATMAP_STATS = "HEATMAP_STATS"
+TRUST_PROB = "TRUST_PROB"
+
+#: Every output an entry declares: (name, Triton data type, dims without the batch).
+OUTPUT_SPECS: tuple[tuple[str, str, str], ...] = (
+    (LABEL, "TYPE_STRING", "[ 1 ]"),
+    (CLASS_ID, "TYPE_INT64", "[ 1 ]"),
+    (CONFIDENCE, "TYPE_FP32", "[ 1 ]"),
+    (GRADTRUST, "TYPE_FP32", "[ 1 ]"),
+    (SCORES, "TYPE_FP32", "[ -1 ]"),
+    (HEATMAP, "TYPE_FP32", "[ -1, -1 ]"),
+    (HEATMAP_STATS, "TYPE_FP32", "[ 2 ]"),
+    (TRUST_PROB, "TYPE_FP32", "[ 1 ]"),
+)
+OUTPUTS: tuple[str, ...] = tuple(name for name, _, _ in OUTPUT_SPECS)
+
+#: What a request that names no outputs gets, besides SCORES and HEATMAP (its parameters
+#: decide those); TRUST_PROB only from a calibrated model.
+DEFAULT_OUTPUTS: tuple[str, ...] = (LABEL, CLASS_ID, CONFIDENCE, GRADTRUST, TRUST_PROB)
+
+# Request parameters (HTTP/gRPC ``parameters``).
+PARAM_SCORES = "scores"
+PARAM_CONTRAST_K = "contrast_k"
+PARAM_HEATMAP_METHOD = "heatmap_method"
+PARAM_CONTRAST_CLASS = "contrast_class"
+REQUEST_PARAMETERS: tuple[str, ...] = (
+    PARAM_SCORES,
+    PARAM_CONTRAST_K,
+    PARAM_HEATMAP_METHOD,
+    PARAM_CONTRAST_CLASS,
+)
+DEFAULT_HEATMAP_METHOD = "gradcam"
+
+# Outputs of a prepared ONNX file (written by `gradtrust prepare`, read by the classifier).
+LOGITS = "logits"
+FEATURES = "features"
+ACTIVATION = "activation"
+
+__all__ = [
+    "ACTIVATION",
+    "CLASS_ID",
+    "CONFIDENCE",
+    "DEFAULT_HEATMAP_METHOD",
+    "DEFAULT_OUTPUTS",
+    "FEATURES",
+    "GRADTRUST",
+    "HEATMAP",
+    "HEATMAP_METHODS",
+    "HEATMAP_STATS",
+    "IMAGE",
+    "IMAGE_BYTES",
+    "LABEL",
+    "LOGITS",
+    "OUTPUTS",
+    "OUTPUT_SPECS",
+    "PARAM_CONTRAST_CLASS",
+    "PARAM_CONTRAST_K",
+    "PARAM_HEATMAP_METHOD",
+    "PARAM_SCORES",
+    "REQUEST_PARAMETERS",
+    "SCORES",
+    "TRUST_PROB",
+]

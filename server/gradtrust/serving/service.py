@@ -1,0 +1,361 @@
+"""One batch of requests in, one answer (outputs or an error) per request out.
+
+This is the whole serving logic, free of Triton: the Python backend only converts tensors
+(:mod:`gradtrust.triton.model`). Requests that Triton's dynamic batcher put together are
+validated, the valid ones go through the network in a single forward pass, the scores
+are computed for the whole batch at once (each per sample), and a bad request gets its
+own error without costing the others their answers.
+
+The dynamic batcher sends many one-image requests, so what is done per request is kept
+to slicing: pixel checks, casts and output columns are computed once per batch, and only
+the outputs a request names (and the network outputs some request needs) are computed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import cast
+
+import numpy as np
+
+from gradtrust.core import heatmaps, scores
+from gradtrust.core.calibration import TrustCalibration
+from gradtrust.errors import ConfigError, InvalidInputError
+from gradtrust.serving.checks import ImageChecks, join_images
+from gradtrust.serving.classifier import Classifier
+from gradtrust.serving.contract import (
+    ACTIVATION,
+    CLASS_ID,
+    CONFIDENCE,
+    DEFAULT_OUTPUTS,
+    FEATURES,
+    GRADTRUST,
+    HEATMAP,
+    HEATMAP_STATS,
+    LABEL,
+    LOGITS,
+    SCORES,
+    TRUST_PROB,
+)
+from gradtrust.serving.decoding import spatial_size
+from gradtrust.serving.settings import ModelSettings, RequestOptions
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ScoringRequest:
+    """One client request: its images, its options and the outputs it named."""
+
+    images: np.ndarray
+    options: RequestOptions
+    #: The outputs the client named: only those are computed and returned. None (it named
+    #: none): :data:`DEFAULT_OUTPUTS`, plus SCORES and HEATMAP as ``options`` say.
+    outputs: frozenset[str] | None = None
+
+    def wants(self, name: str) -> bool:
+        return self.outputs is None or name in self.outputs
+
+
+@dataclass
+class BatchResult:
+    """Per-request answers plus what the metrics need (valid samples only)."""
+
+    answers: list[Outputs | InvalidInputError]
+    gradtrust: np.ndarray = field(default_factory=lambda: np.empty(0))
+    confidence: np.ndarray = field(default_factory=lambda: np.empty(0))
+    trust_seconds: float = 0.0
+    heatmap_seconds: float | None = None
+
+
+class TrustService:
+    """Scores batches of images with any :class:`~gradtrust.serving.classifier.Classifier`."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        settings: ModelSettings,
+        layout: str = "NCHW",
+        calibration: TrustCalibration | None = None,
+    ) -> None:
+        if classifier.num_classes != len(settings.labels):
+            raise ConfigError(
+                f"the labels file lists {len(settings.labels)} classes but the model has "
+                f"{classifier.num_classes} logits: fix labels.txt (one label per line)"
+            )
+        if "gradnorm" in settings.scores and not classifier.has_features:
+            raise ConfigError(
+                "config parameter 'scores' includes gradnorm, which needs a 'features' output "
+                "the model does not have: remove it or re-export with `gradtrust prepare`"
+            )
+        self.classifier = classifier
+        self.settings = settings
+        self.calibration = calibration  # GradTrust -> P(correct), from `gradtrust calibrate`
+        self.head_weight = classifier.head_weight() if classifier.has_activation else None
+        self._label_bytes = np.array([[label.encode()] for label in settings.labels], dtype=object)
+        self.checks = ImageChecks(settings, classifier.input_shape, layout)
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    def _check_options(self, options: RequestOptions) -> None:
+        if options.heatmap_method is not None and self.head_weight is None:
+            raise InvalidInputError(
+                "this model cannot produce a HEATMAP: its ONNX file has no 'activation' output "
+                "(the last conv activation before global average pooling); re-export it with "
+                "`gradtrust prepare`, or do not request HEATMAP"
+            )
+        if _needs_features(options) and not self.classifier.has_features:
+            raise InvalidInputError(
+                "score gradnorm needs the model's 'features' output, which it lacks"
+            )
+
+    def run(self, requests: Sequence[ScoringRequest]) -> BatchResult:
+        """One answer per request, in order: its outputs, or the error that is its own."""
+        answers: list[Outputs | InvalidInputError | None] = [None] * len(requests)
+        shaped: list[int] = []
+        for i, request in enumerate(requests):
+            try:
+                self.checks.check_layout(request.images)
+                shaped.append(i)
+            except InvalidInputError as err:
+                answers[i] = err
+        result = BatchResult(answers=[])
+        if shaped:
+            accepted, images = self._accept(requests, shaped, answers)
+            if accepted:
+                self._score([requests[i] for i in accepted], accepted, images, answers, result)
+        result.answers = [
+            a if a is not None else InvalidInputError("not answered") for a in answers
+        ]
+        return result
+
+    def _accept(
+        self,
+        requests: Sequence[ScoringRequest],
+        shaped: list[int],
+        answers: list[Outputs | InvalidInputError | None],
+    ) -> tuple[list[int], np.ndarray]:
+        """Pixel checks, then options, of well-shaped requests; returns the accepted ones and
+        their images in one array."""
+        problems, images = self.checks.screen([requests[i].images for i in shaped])
+        accepted: list[int] = []
+        for i, problem in zip(shaped, problems, strict=True):
+            try:
+                if problem is not None:
+                    raise problem
+                self._check_options(requests[i].options)
+                accepted.append(i)
+            except InvalidInputError as err:
+                answers[i] = err
+        if accepted and (images is None or len(accepted) < len(shaped)):
+            images = join_images([requests[i].images for i in accepted])
+        return accepted, cast(np.ndarray, images)
+
+    def _score(
+        self,
+        chosen: list[ScoringRequest],
+        accepted: list[int],
+        images: np.ndarray,
+        answers: list[Outputs | InvalidInputError | None],
+        result: BatchResult,
+    ) -> None:
+        """Forward pass and scores of the accepted requests (``chosen``, at ``accepted``)."""
+        needs_features = [_needs_features(r.options) for r in chosen]
+        wanted = [LOGITS]
+        if any(needs_features):
+            wanted.append(FEATURES)
+        if any(r.options.heatmap_method for r in chosen):
+            wanted.append(ACTIVATION)
+        net = self.classifier.run(images, wanted)
+        logits = net[LOGITS].astype(np.float64)
+        features = net[FEATURES].astype(np.float64) if FEATURES in wanted else None
+
+        start = time.perf_counter()
+        sizes = [len(r.images) for r in chosen]
+        bounds = list(accumulate(sizes, initial=0))
+        finite = np.isfinite(logits).all(axis=1)
+        trust, conf, pred = _base_scores(logits, finite)
+        failed = _non_finite(needs_features, bounds, finite, features)
+        tables = self._score_tables(chosen, sizes, failed, logits, features)
+        kinds = {r.outputs for n, r in enumerate(chosen) if n not in failed}
+        picks = self._columns(kinds, trust, conf, pred)
+        heatmap_seconds = 0.0
+        answered = [False] * len(chosen)
+        for n, request in enumerate(chosen):
+            i = accepted[n]
+            if n in failed:
+                answers[i] = failed[n]
+                continue
+            rows = slice(bounds[n], bounds[n + 1])
+            options = request.options
+            outputs: Outputs = {name: column[rows] for name, column in picks[request.outputs]}
+            try:
+                if options.scores:
+                    table = tables[(options.scores, options.contrast_k)]
+                    if isinstance(table, InvalidInputError):
+                        raise table
+                    if request.wants(SCORES):
+                        outputs[SCORES] = table[rows]
+                if options.heatmap_method:
+                    t0 = time.perf_counter()
+                    maps, stats = heatmaps.explain(
+                        options.heatmap_method,
+                        net[ACTIVATION][rows].astype(np.float64),
+                        cast(np.ndarray, self.head_weight),  # not None: _check_options
+                        logits[rows],
+                        size=spatial_size(request.images.shape, self.checks.layout),
+                        contrast_class=options.contrast_class,
+                    )
+                    heatmap_seconds += time.perf_counter() - t0
+                    if request.wants(HEATMAP):
+                        outputs[HEATMAP] = maps.astype(np.float32)
+                    if stats is not None and request.wants(HEATMAP_STATS):
+                        outputs[HEATMAP_STATS] = stats.astype(np.float32)
+                answers[i] = outputs
+                answered[n] = True
+            except InvalidInputError as err:
+                answers[i] = err
+        result.trust_seconds = time.perf_counter() - start - heatmap_seconds
+        result.heatmap_seconds = heatmap_seconds if ACTIVATION in wanted else None
+        if all(answered):
+            result.gradtrust, result.confidence = trust, conf
+        else:
+            ok_rows = np.repeat(np.asarray(answered), sizes)
+            result.gradtrust, result.confidence = trust[ok_rows], conf[ok_rows]
+
+    def _score_tables(
+        self,
+        chosen: list[ScoringRequest],
+        sizes: list[int],
+        failed: dict[int, InvalidInputError],
+        logits: np.ndarray,
+        features: np.ndarray | None,
+    ) -> dict[tuple[tuple[str, ...], int], np.ndarray | InvalidInputError]:
+        """SCORES for all requests that ask for the same scores and k, in one call per group
+        rather than one per request; a group that cannot be scored gets its error."""
+        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
+        for n, request in enumerate(chosen):
+            options = request.options
+            if options.scores and n not in failed:
+                groups.setdefault((options.scores, options.contrast_k), []).append(n)
+        tables: dict[tuple[tuple[str, ...], int], np.ndarray | InvalidInputError] = {}
+        for (names, k), members in groups.items():
+            every = len(members) == len(chosen)  # the usual case: no row selection
+            rows: slice | np.ndarray = slice(None)
+            if not every:
+                member = np.zeros(len(chosen), dtype=bool)
+                member[members] = True
+                rows = np.repeat(member, sizes)
+            try:
+                values = scores.compute_scores(
+                    logits[rows],
+                    names,
+                    features=None if features is None else features[rows],
+                    contrast_k=k,
+                )
+            except InvalidInputError as err:
+                tables[(names, k)] = err
+                continue
+            stacked = _to_float32(np.stack([values[name] for name in names], axis=1))
+            if every:
+                tables[(names, k)] = stacked
+            else:
+                table = np.zeros((len(logits), len(names)), dtype=np.float32)
+                table[rows] = stacked
+                tables[(names, k)] = table
+        return tables
+
+    def _columns(
+        self,
+        kinds: set[frozenset[str] | None],
+        trust: np.ndarray,
+        conf: np.ndarray,
+        pred: np.ndarray,
+    ) -> dict[frozenset[str] | None, list[tuple[str, np.ndarray]]]:
+        """The cheap outputs as (N, 1) columns of the whole batch, each computed only if a
+        request wants it; per distinct ``ScoringRequest.outputs`` (``kinds``), the (name,
+        column) pairs its requests get row slices of."""
+
+        def needed(name: str) -> bool:
+            return any(_named(kind, name) for kind in kinds)
+
+        columns: dict[str, np.ndarray] = {}
+        if needed(LABEL):
+            columns[LABEL] = self._label_bytes[pred]
+        if needed(CLASS_ID):
+            columns[CLASS_ID] = pred.reshape(-1, 1)
+        if needed(CONFIDENCE):
+            columns[CONFIDENCE] = conf.astype(np.float32).reshape(-1, 1)
+        if needed(GRADTRUST):
+            columns[GRADTRUST] = trust.astype(np.float32).reshape(-1, 1)
+        if self.calibration is not None and needed(TRUST_PROB):
+            prob = self.calibration.apply(trust)  # elementwise; NaN (failed) rows stay NaN
+            columns[TRUST_PROB] = prob.astype(np.float32).reshape(-1, 1)
+        return {
+            kind: [(name, col) for name, col in columns.items() if _named(kind, name)]
+            for kind in kinds
+        }
+
+
+def _named(outputs: frozenset[str] | None, name: str) -> bool:
+    """Whether a cheap output goes to requests that named ``outputs`` (None: the defaults)."""
+    return name in (DEFAULT_OUTPUTS if outputs is None else outputs)
+
+
+def _needs_features(options: RequestOptions) -> bool:
+    return options.scores is not None and not scores.NEEDS_FEATURES.isdisjoint(options.scores)
+
+
+def _base_scores(
+    logits: np.ndarray, finite: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GradTrust, confidence (MSP) and predicted class of every sample with finite logits
+    (NaN, NaN, 0 for the others), in one validated pass over the batch."""
+    names = ("gradtrust", "msp")
+    if finite.all():
+        base = scores.compute_scores(logits, names)
+        # np.argmax is scores.predicted_class without validating the logits a second time.
+        return base["gradtrust"], base["msp"], np.argmax(logits, axis=1).astype(np.int64)
+    trust = np.full(len(logits), np.nan)
+    conf = np.full(len(logits), np.nan)
+    pred = np.zeros(len(logits), dtype=np.int64)
+    if finite.any():
+        ok = logits[finite]
+        base = scores.compute_scores(ok, names)
+        trust[finite], conf[finite] = base["gradtrust"], base["msp"]
+        pred[finite] = np.argmax(ok, axis=1)
+    return trust, conf, pred
+
+
+def _non_finite(
+    needs_features: list[bool],
+    bounds: list[int],
+    finite: np.ndarray,
+    features: np.ndarray | None,
+) -> dict[int, InvalidInputError]:
+    """The error of each request (by position) whose logits, or features when its scores
+    need them, are not all finite; other requests do not depend on the features."""
+    with_features = finite if features is None else finite & np.isfinite(features).all(axis=1)
+    if with_features.all():
+        return {}
+    failed: dict[int, InvalidInputError] = {}
+    for n, needs in enumerate(needs_features):
+        ok = (with_features if needs else finite)[bounds[n] : bounds[n + 1]]
+        if not ok.all():
+            bad = np.flatnonzero(~ok).tolist()
+            failed[n] = InvalidInputError(
+                f"the model produced non-finite logits or features for sample(s) {bad}; "
+                "check the input preprocessing"
+            )
+    return failed
+
+
+def _to_float32(values: np.ndarray) -> np.ndarray:
+    """Saturate at float32's range instead of overflowing to inf (contrast_trust can be huge)."""
+    big = np.finfo(np.float32).max
+    return np.clip(values, -big, big).astype(np.float32)
