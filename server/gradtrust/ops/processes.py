@@ -17,6 +17,7 @@ Everything here reads ``/proc`` only; on systems without it the functions return
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 from collections.abc import Iterable
@@ -170,3 +171,40 @@ def tree_rss(server_pid: int) -> dict[str, int]:
         if not child.is_zombie:
             out[f"{child.name}[{child.pid}]"] = child.rss_bytes
     return out
+
+
+_TCP_LISTEN = "0A"
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in (PROC / str(pid) / "fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    return inodes
+
+
+def _address(hex_address: str) -> str:
+    """``/proc/net/tcp``'s hex address (little-endian 32-bit words) as text."""
+    raw = bytes.fromhex(hex_address)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.ip_address(words))
+
+
+def listening_sockets(pid: int) -> list[tuple[str, int]]:
+    """The TCP (address, port) pairs process ``pid`` listens on, from its own view of
+    ``/proc/net/tcp`` and ``tcp6``: what it really binds, whatever it was told."""
+    inodes = _socket_inodes(pid)
+    found = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            lines = (PROC / str(pid) / "net" / table).read_text().splitlines()[1:]
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == _TCP_LISTEN and fields[9] in inodes:
+                    host, port = fields[1].split(":")
+                    found.add((_address(host), int(port, 16)))
+    return sorted(found, key=lambda item: (item[1], item[0]))

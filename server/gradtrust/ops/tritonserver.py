@@ -20,6 +20,7 @@ an admin key, a failed model not taking the others down); docs/SECURITY.md expla
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -37,7 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gradtrust.errors import ServerError
-from gradtrust.ops.processes import dead_stubs, remove_orphaned_stubs, stub_regions, tree_rss
+from gradtrust.ops.exporter import MetricsExporter
+from gradtrust.ops.processes import (
+    dead_stubs,
+    listening_sockets,
+    remove_orphaned_stubs,
+    stub_regions,
+    tree_rss,
+)
 
 _PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
@@ -189,12 +198,10 @@ def server_command(
     exit_timeout_s: int = 30,
     address: str | None = None,
 ) -> list[str]:
-    """``address`` binds HTTP, gRPC and metrics to one interface (None: Triton's 0.0.0.0)."""
-    bind = (
-        [f"--http-address={address}", f"--grpc-address={address}", f"--metrics-address={address}"]
-        if address
-        else []
-    )
+    """``address`` binds HTTP and gRPC to one interface (None: Triton's 0.0.0.0). Triton's own
+    metrics go to ``ports.metrics`` on loopback only: :class:`MetricsExporter` serves the
+    public metrics port, Triton's metrics included."""
+    bind = [f"--http-address={address}", f"--grpc-address={address}"] if address else []
     return [
         str(install.binary),
         f"--model-repository={model_repository}",
@@ -202,6 +209,7 @@ def server_command(
         f"--http-port={ports.http}",
         f"--grpc-port={ports.grpc}",
         f"--metrics-port={ports.metrics}",
+        "--metrics-address=127.0.0.1",
         *bind,
         "--allow-metrics=true",
         "--log-verbose=0",
@@ -211,7 +219,10 @@ def server_command(
 
 
 def server_env(install: TritonInstall) -> dict[str, str]:
-    env = dict(os.environ)
+    """tritonserver's environment: ours, minus the admin key (tritonserver gets it on its
+    command line; every Python backend stub inherits the environment, and model code has
+    no business holding the key), plus the libraries and Python the stub needs."""
+    env = {k: v for k, v in os.environ.items() if k != ADMIN_KEY_ENV}
     libs = [str(p) for p in install.library_dirs]
     if env.get("LD_LIBRARY_PATH"):
         libs.append(env["LD_LIBRARY_PATH"])
@@ -250,7 +261,16 @@ class TritonServer:
     #: as in production; otherwise such a server exits).
     failed_models: dict[str, str] = field(default_factory=dict)
     admin_key: str | None = field(default=None, repr=False)
+    #: Where clients on this host reach it (loopback when it binds every interface).
     address: str = "127.0.0.1"
+    #: The interface given to Triton's --http/grpc/metrics-address; None: Triton's default,
+    #: every interface (0.0.0.0).
+    bind_address: str | None = None
+    #: What answers on ``ports.metrics``: Triton's metrics and the stubs' gradtrust_* metrics.
+    exporter: MetricsExporter | None = None
+    #: Whether :meth:`stop` stops the exporter too (not when ``gradtrust serve`` keeps one
+    #: exporter across restarts).
+    owns_exporter: bool = False
     _stub_regions: set[str] = field(default_factory=set, repr=False)
 
     @property
@@ -297,6 +317,22 @@ class TritonServer:
         except OSError:
             return False
         return status == 200
+
+    def listening(self) -> list[tuple[str, int]]:
+        """The (address, port) pairs tritonserver really listens on, from ``/proc``."""
+        return listening_sockets(self.process.pid)
+
+    def metadata(self) -> dict[str, object]:
+        """``GET /v2``: the server's name, version and extensions."""
+        status, body = _request(f"http://{self.http_url}/v2", timeout=5)
+        if status != 200:
+            raise ServerError(f"GET /v2 answered HTTP {status}: {body[:200]!r}")
+        return dict(json.loads(body))
+
+    @property
+    def version(self) -> str:
+        """Triton's server version, e.g. ``2.51.0`` (not the container release)."""
+        return str(self.metadata().get("version", ""))
 
     def is_ready(self) -> bool:
         return self._health("ready")
@@ -384,6 +420,8 @@ class TritonServer:
                 self.process.kill()
                 self.process.wait()
         remove_orphaned_stubs(self.process.pid, self._stub_regions)
+        if self.owns_exporter and self.exporter is not None:
+            self.exporter.stop()
         return int(self.process.returncode)
 
 
@@ -397,13 +435,16 @@ def start_server(
     exit_timeout_s: int = 30,
     admin_key: str | None = None,
     address: str | None = None,
+    exporter: MetricsExporter | None = None,
 ) -> TritonServer:
     """Start tritonserver on ``model_repository`` and (by default) wait until it is ready.
 
     With ``log_path`` the server's output goes to that file (tests); without, it is
     inherited by the caller's terminal (``gradtrust serve``). With ``admin_key`` it runs
     the production configuration (:func:`production_args`). ``address`` binds every
-    endpoint to that interface, e.g. ``127.0.0.1`` for loopback only.
+    endpoint to that interface, e.g. ``127.0.0.1`` for loopback only. ``ports.metrics`` is
+    served by ``exporter`` (:mod:`gradtrust.ops.exporter`); without one, a new exporter is
+    started for this server and stopped with it.
     """
     repo = Path(model_repository).resolve()
     if not repo.is_dir():
@@ -411,17 +452,27 @@ def start_server(
     install = find_tritonserver()
     ports = ports or Ports()
     args = [*production_args(admin_key), *extra_args] if admin_key else list(extra_args)
-    cmd = server_command(install, repo, ports, args, exit_timeout_s, address)
+    owns_exporter = exporter is None
+    if exporter is None:
+        exporter = MetricsExporter(
+            ports.metrics, address or "0.0.0.0", production=admin_key is not None
+        ).start()
+    triton_ports = Ports(http=ports.http, grpc=ports.grpc, metrics=exporter.triton_port)
+    cmd = server_command(install, repo, triton_ports, args, exit_timeout_s, address)
     log_file = Path(log_path) if log_path is not None else None
     stdout = log_file.open("wb") if log_file is not None else None
     try:
         process = subprocess.Popen(
             cmd,
-            env=server_env(install),
+            env={**server_env(install), **exporter.environment},
             stdout=stdout,
             stderr=subprocess.STDOUT if stdout is not None else None,
             start_new_session=True,  # Ctrl-C reaches us, and we stop the server cleanly
         )
+    except BaseException:
+        if owns_exporter:
+            exporter.stop()
+        raise
     finally:
         if stdout is not None:
             stdout.close()
@@ -432,7 +483,10 @@ def start_server(
         log_path=log_file,
         exit_timeout_s=exit_timeout_s,
         admin_key=admin_key,
-        address=address if address and address != "0.0.0.0" else "127.0.0.1",
+        address=address if address and address not in ("0.0.0.0", "::") else "127.0.0.1",
+        bind_address=address,
+        exporter=exporter,
+        owns_exporter=owns_exporter,
     )
     if wait:
         try:
@@ -441,3 +495,49 @@ def start_server(
             server.stop(drain_s=5)
             raise
     return server
+
+
+def probe_version(timeout_s: float = 60.0) -> str:
+    """The version of the tritonserver that :func:`start_server` would run, asked from a
+    throw-away instance serving an empty repository on loopback (HTTP only): nothing is
+    exposed before the version is known."""
+    install = find_tritonserver()
+    with tempfile.TemporaryDirectory(prefix="gradtrust-probe-") as empty:
+        http = free_port()
+        cmd = [
+            str(install.binary),
+            f"--model-repository={empty}",
+            f"--backend-directory={install.backend_dir}",
+            "--http-address=127.0.0.1",
+            f"--http-port={http}",
+            "--allow-grpc=false",
+            "--allow-metrics=false",
+            "--exit-timeout-secs=1",
+        ]
+        process = subprocess.Popen(
+            cmd,
+            env=server_env(install),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and process.poll() is None:
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    status, body = _request(f"http://127.0.0.1:{http}/v2", timeout=2)
+                    if status == 200:
+                        return str(json.loads(body)["version"])
+                time.sleep(0.2)
+            raise ServerError(
+                f"could not read tritonserver's version from {install.binary} "
+                f"(exit code {process.poll()})"
+            )
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
