@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from bench.models import ModelSpec
 from gradtrust.core import scores
-from gradtrust.serving.classifier import FEATURES, LOGITS
+from gradtrust.serving.contract import FEATURES, LOGITS
 
 Forward = Callable[[np.ndarray, list[str]], dict[str, np.ndarray]]
 

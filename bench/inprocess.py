@@ -37,7 +37,8 @@ from bench.autograd import bench_autograd
 from bench.models import ModelSpec, demo_cnn, resnet18_like
 from gradtrust.core import scores
 from gradtrust.errors import ConfigError
-from gradtrust.serving.classifier import FEATURES, LOGITS, OnnxClassifier
+from gradtrust.serving.classifier import OnnxClassifier
+from gradtrust.serving.contract import FEATURES, LOGITS
 from gradtrust.serving.service import ScoringRequest, TrustService
 from gradtrust.serving.settings import ModelSettings, RequestOptions
 

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from gradtrust.serving.classifier import LOGITS, OnnxClassifier
+from gradtrust.serving.classifier import OnnxClassifier
+from gradtrust.serving.contract import LOGITS
 
 
 class TritonPythonModel:

@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from gradtrust.core import scores
 from gradtrust.ops.tritonserver import Ports, TritonServer, free_port, start_server
-from gradtrust.serving.classifier import FEATURES, LOGITS
+from gradtrust.serving.contract import FEATURES, LOGITS
 from gradtrust.serving.settings import DEFAULT_SCORES
 from gradtrust.tools.prepare import cli
 from tests.reference.autograd_heatmaps import autograd_explain

@@ -27,23 +27,18 @@ from gradtrust.core import scores
 from gradtrust.core.scores import SCORE_NAMES
 from gradtrust.errors import InvalidInputError
 from gradtrust.serving.classifier import OnnxClassifier
-from gradtrust.serving.service import (
+from gradtrust.serving.contract import (
     CLASS_ID,
     CONFIDENCE,
     GRADTRUST,
     HEATMAP,
-    LABEL,
-    SCORES,
-    ScoringRequest,
-    TrustService,
-)
-from gradtrust.serving.settings import (
     HEATMAP_METHODS,
+    LABEL,
     REQUEST_PARAMETERS,
-    ModelSettings,
-    RequestOptions,
-    parse_request,
+    SCORES,
 )
+from gradtrust.serving.service import ScoringRequest, TrustService
+from gradtrust.serving.settings import ModelSettings, RequestOptions, parse_request
 from tests.conftest import DEMO_ONNX, MODEL_REPOSITORY
 
 LABELS = (MODEL_REPOSITORY / "gradtrust_mnist" / "labels.txt").read_text().split()

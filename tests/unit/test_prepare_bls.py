@@ -13,7 +13,7 @@ from tritonclient.grpc import model_config_pb2
 from gradtrust.core import scores
 from gradtrust.errors import ConfigError, GradTrustError
 from gradtrust.serving.bls import BlsClassifier, WrapSpec, image_input, triton_infer
-from gradtrust.serving.classifier import FEATURES, LOGITS
+from gradtrust.serving.contract import FEATURES, LOGITS
 from gradtrust.serving.service import ScoringRequest, TrustService
 from gradtrust.serving.settings import DEFAULT_SCORES, ModelSettings, RequestOptions
 from gradtrust.tools.prepare import cli

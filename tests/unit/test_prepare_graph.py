@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from gradtrust.errors import ConfigError
-from gradtrust.serving.classifier import ACTIVATION, FEATURES, LOGITS, head_weight_from_onnx
+from gradtrust.serving.classifier import head_weight_from_onnx
+from gradtrust.serving.contract import ACTIVATION, FEATURES, LOGITS
 from gradtrust.tools.prepare import find_head, prepare_onnx
 from tests.conftest import DEMO_ONNX
 

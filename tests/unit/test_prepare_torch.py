@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradtrust.serving.classifier import ACTIVATION, LOGITS
+from gradtrust.serving.contract import ACTIVATION, LOGITS
 from gradtrust.tools.prepare import cli
 
 

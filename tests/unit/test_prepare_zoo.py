@@ -20,7 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradtrust.serving.classifier import ACTIVATION, FEATURES, LOGITS, head_weight_from_onnx
+from gradtrust.serving.classifier import head_weight_from_onnx
+from gradtrust.serving.contract import ACTIVATION, FEATURES, LOGITS
 from gradtrust.tools.prepare import prepare_onnx
 
 

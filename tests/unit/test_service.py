@@ -11,16 +11,8 @@ import pytest
 from gradtrust.core import scores
 from gradtrust.errors import ConfigError, InvalidInputError
 from gradtrust.serving.classifier import OnnxClassifier, head_weight_from_onnx
-from gradtrust.serving.service import (
-    CLASS_ID,
-    CONFIDENCE,
-    GRADTRUST,
-    HEATMAP,
-    LABEL,
-    SCORES,
-    ScoringRequest,
-    TrustService,
-)
+from gradtrust.serving.contract import CLASS_ID, CONFIDENCE, GRADTRUST, HEATMAP, LABEL, SCORES
+from gradtrust.serving.service import ScoringRequest, TrustService
 from gradtrust.serving.settings import ModelSettings, RequestOptions
 from tests.conftest import DEMO_ONNX, MODEL_REPOSITORY
 

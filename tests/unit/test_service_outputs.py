@@ -12,20 +12,21 @@ import pytest
 from gradtrust.core import scores
 from gradtrust.core.calibration import TrustCalibration, load_model_calibration
 from gradtrust.errors import InvalidInputError
-from gradtrust.serving.classifier import FEATURES, LOGITS, OnnxClassifier
-from gradtrust.serving.service import (
+from gradtrust.serving.classifier import OnnxClassifier
+from gradtrust.serving.contract import (
     CLASS_ID,
     CONFIDENCE,
     DEFAULT_OUTPUTS,
+    FEATURES,
     GRADTRUST,
     HEATMAP,
     HEATMAP_STATS,
     LABEL,
+    LOGITS,
     SCORES,
     TRUST_PROB,
-    ScoringRequest,
-    TrustService,
 )
+from gradtrust.serving.service import ScoringRequest, TrustService
 from gradtrust.serving.settings import DEFAULT_SCORES, ModelSettings, RequestOptions
 from tests.conftest import DEMO_MODEL, DEMO_ONNX, MODEL_REPOSITORY
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from gradtrust.core.scores import SCORE_NAMES, compute_scores
 from gradtrust.errors import ConfigError, InvalidInputError
-from gradtrust.serving.classifier import FEATURES, LOGITS, OnnxClassifier
+from gradtrust.serving.classifier import OnnxClassifier
+from gradtrust.serving.contract import FEATURES, LOGITS
 from gradtrust.tools.evaluate.torch_scores import TORCH_SCORE_NAMES, has_dropout, torch_scores
 
 Floats = NDArray[np.float64]

@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from gradtrust.errors import ConfigError
-from gradtrust.serving.classifier import ACTIVATION, FEATURES, LOGITS
+from gradtrust.serving.contract import ACTIVATION, FEATURES, LOGITS
 
 #: Ops allowed between the logits and the graph output; they change nothing the scores need
 #: (Softmax/LogSoftmax are recomputed from the logits; Dropout is the identity at inference;

@@ -15,7 +15,7 @@ import copy
 import onnx
 from onnx import helper, numpy_helper
 
-from gradtrust.serving.classifier import ACTIVATION, FEATURES, LOGITS
+from gradtrust.serving.contract import ACTIVATION, FEATURES, LOGITS
 from gradtrust.tools.prepare.graph import Dim, Head, dims, fresh_name, tensor_names, walk_nodes
 
 #: The name given to the batch dimension when the exported graph had none.

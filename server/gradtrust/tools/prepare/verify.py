@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from gradtrust.errors import ConfigError
-from gradtrust.serving.classifier import ACTIVATION, FEATURES, LOGITS
+from gradtrust.serving.contract import ACTIVATION, FEATURES, LOGITS
 from gradtrust.tools.prepare.graph import Head
 
 #: Rows of the random probe batch.
