@@ -105,13 +105,51 @@ def question_for(method: str, predicted: str, contrast: str | None = None) -> st
     return QUESTIONS[method].format(P=predicted, Q=contrast or "the runner-up")
 
 
+def upsample_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A map at the model's activation resolution (``heatmap_size="activation"``), (h, w) or
+    (N, h, w), brought to ``size`` = (H, W) as the server would: bilinear upsampling with
+    half-pixel centres (``align_corners=False``), then each map min-max normalised to [0, 1]
+    (a constant map becomes zeros). Returns float32.
+
+    For gradcam, counterfactual and contrast this reproduces the server's input-size map
+    (to float32 rounding): bilinear weights are non-negative and sum to 1, so upsampling
+    commutes with the server's min-max step. A VOICE map is a variance of maps, not a map,
+    so its upsampling is a display of the activation-resolution VOICE, not the input-size one.
+    """
+    heat = np.asarray(heatmap, dtype=np.float64)
+    if heat.ndim not in (2, 3) or 0 in heat.shape:
+        raise InvalidImageError(f"heatmap must be (h, w) or (N, h, w), got shape {heat.shape}")
+    height, width = (int(s) for s in size)
+    if height < 1 or width < 1:
+        raise InvalidImageError(f"size must be two positive integers, got {tuple(size)}")
+    up = _interpolation(heat.shape[-2], height) @ heat @ _interpolation(heat.shape[-1], width).T
+    low = up.min(axis=(-2, -1), keepdims=True)
+    span = up.max(axis=(-2, -1), keepdims=True) - low
+    flat = (span <= 0) | (heat == heat[..., :1, :1]).all(axis=(-2, -1), keepdims=True)
+    out = np.where(flat, 0.0, (up - low) / np.where(flat, 1.0, span))
+    return out.astype(np.float32)
+
+
+def _interpolation(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix of 1-D linear interpolation with half-pixel centres."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    low = np.minimum(np.floor(src).astype(np.intp), n_in - 1)
+    frac = np.where(low < n_in - 1, src - low, 0.0)
+    matrix = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    matrix[rows, low] = 1.0 - frac
+    matrix[rows, np.minimum(low + 1, n_in - 1)] += frac
+    return matrix
+
+
 def overlay_png(
     image: np.ndarray, heatmap: np.ndarray, title: str, out_path: StrPath, *, scale: int = 8
 ) -> Path:
     """Write the heatmap blended over the image, upscaled ``scale`` times, title above.
 
     ``image`` is (C, H, W), (1, C, H, W) or (H, W) in [0, 1]; ``heatmap`` is (H', W') in
-    [0, 1] and is resized to the image if its size differs. The PNG is ``W*scale`` wide;
+    [0, 1] and is brought to the image's size by :func:`upsample_heatmap` if its size
+    differs (a map at the activation's resolution). The PNG is ``W*scale`` wide;
     its height is ``H*scale`` plus a title band sized to the (wrapped) title. Returns the
     path written.
     """
@@ -130,6 +168,8 @@ def overlay_png(
     if heat.ndim != 2:
         raise InvalidImageError(f"overlay heatmap must be (H, W), got shape {heat.shape}")
     height, width = picture.shape[1:]
+    if heat.shape != (height, width):
+        heat = upsample_heatmap(heat, (height, width)).astype(np.float64)
     big = (width * scale, height * scale)
 
     base = np.repeat(picture, 3, axis=0) if picture.shape[0] == 1 else picture

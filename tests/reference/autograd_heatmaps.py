@@ -8,12 +8,15 @@ respect to ``A``, and the map is ``sum_k alpha_k A_k``. Targets, per sample:
 
 - ``gradcam``: ``z_P``; ``counterfactual``: the same gradient, weights ``-alpha``;
 - ``contrast``: ``CE(z, Q)``, Q the named class or by default the second most probable;
-- ``voice``: ``CE(z, Q)`` for every class Q (one backward pass each; the map of Q = P
-  is dropped by :func:`gradtrust.core.heatmaps.voice_maps`).
+- ``voice``: ``CE(z, Q)`` for every class Q (one backward pass each), then VOICE by its
+  literal definition (:func:`literal_voice_maps`): every contrast map Q != P upsampled with
+  ``torch.nn.functional.interpolate`` and min-max normalised at full size, ``torch.var``
+  over them, min-max. It shares no code with the package's O(C h w + H W) VOICE.
 
-Everything after the weighted sum (ReLU, upsampling, min-max, VOICE variance and
-statistics) is the code of :mod:`gradtrust.core.heatmaps`, so the two paths differ only in how
-``alpha`` is obtained. Pass a float64 model for reference-grade precision.
+For the other methods, everything after the weighted sum (ReLU, upsampling, min-max) and
+the VOICE statistics are the code of :mod:`gradtrust.core.heatmaps`, so the two paths
+differ only in how ``alpha`` is obtained. Pass a float64 model for reference-grade
+precision.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from gradtrust.core.heatmaps import (
     check_method,
     contrast_targets,
     finish_maps,
-    voice_maps,
     voice_statistics,
     weighted_sum,
 )
@@ -83,6 +85,48 @@ def _forward_capturing(
     return logits, captured[0]
 
 
+def finish_literal(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """ReLU, torch's bilinear upsampling, min-max of each map (..., h, w) -> (..., H, W).
+
+    A map that is constant, at (h, w) or after upsampling, becomes zeros (the package's
+    documented convention: a constant map highlights nothing).
+    """
+    relu = F.relu(raw)
+    up = F.interpolate(relu.unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0]
+    low = up.amin(dim=(-2, -1), keepdim=True)
+    high = up.amax(dim=(-2, -1), keepdim=True)
+    constant = (relu == relu[..., :1, :1]).flatten(-2).all(-1)[..., None, None]
+    flat = constant | (high <= low)
+    span = torch.where(flat, torch.ones_like(high), high - low)
+    return torch.where(flat, torch.zeros_like(up), (up - low) / span)
+
+
+def literal_voice_maps(
+    raw_contrast: ArrayLike, predicted: ArrayLike, size: tuple[int, int] | None
+) -> Floats:
+    """VOICE (N, H, W) by its definition, one sample at a time: every contrast map with
+    Q != P finished at full size, their unbiased per-pixel variance, min-max; all zeros
+    when C = 2. ``raw_contrast`` is (N, C, h, w); ``size`` None keeps (h, w).
+
+    Memory is (C - 1) x H x W per sample: keep C x H x W to a few million in tests.
+    """
+    r = torch.as_tensor(np.asarray(raw_contrast, dtype=np.float64))
+    n, c, h, w = r.shape
+    target = (h, w) if size is None else (int(size[0]), int(size[1]))
+    pred = np.asarray(predicted).reshape(-1)
+    out = []
+    for i in range(n):
+        if c < 3:
+            out.append(torch.zeros(target, dtype=torch.float64))
+            continue
+        others = [q for q in range(c) if q != int(pred[i])]
+        maps = finish_literal(r[i, others], target)
+        spread = maps.var(dim=0, unbiased=True)
+        out.append(finish_literal(spread.unsqueeze(0), target)[0])
+    result: Floats = torch.stack(out).numpy()
+    return result
+
+
 def _alpha(target: torch.Tensor, activation: torch.Tensor) -> Floats:
     """``alpha_k = mean_ij dT/dA_kij`` per sample, (N, K) float64. T sums per-sample terms."""
     (grad,) = torch.autograd.grad(target, activation, retain_graph=True)
@@ -96,12 +140,14 @@ def autograd_explain(
     images: ArrayLike | torch.Tensor,
     method: str,
     contrast_class: ArrayLike | None = None,
+    at_activation: bool = False,
 ) -> tuple[Floats, Floats | None]:
     """Maps (N, H, W) in [0, 1] for images (N, channels, H, W) and, for ``voice``, stats (N, 2).
 
     ``model(images)`` must return logits (N, C); ``layer`` is the module whose output is
     ``A``. Same methods, defaults and errors as :func:`gradtrust.core.heatmaps.explain`. The
     images are cast to the dtype of the model's parameters; the model is not modified.
+    ``at_activation`` gives the maps at ``A``'s resolution (h, w) instead of the images'.
     """
     check_method(method)
     if contrast_class is not None and method != "contrast":
@@ -116,8 +162,10 @@ def autograd_explain(
         raise InvalidInputError(
             f"images must have shape (batch, channels, height, width), got {tuple(x.shape)}"
         )
-    size = (int(x.shape[2]), int(x.shape[3]))
     logits, a = _forward_capturing(model, layer, x)
+    size = (
+        (int(a.shape[2]), int(a.shape[3])) if at_activation else (int(x.shape[2]), int(x.shape[3]))
+    )
     z = as_logits(logits.detach().to(torch.float64).numpy())
     n, c = z.shape
     pred = predicted_class(z)
@@ -137,6 +185,6 @@ def autograd_explain(
         _alpha(F.cross_entropy(logits, torch.full((n,), q), reduction="sum"), a) for q in range(c)
     ]
     raw_contrast = weighted_sum(a_np, np.stack(per_class, axis=1))
-    maps = voice_maps(raw_contrast, pred, size)
+    maps = literal_voice_maps(raw_contrast, pred, size)
     explanation = finish_maps(weighted_sum(a_np, gradcam_alpha), size)
     return maps, voice_statistics(maps, explanation)

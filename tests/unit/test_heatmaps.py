@@ -296,9 +296,7 @@ def test_voice_is_all_zero_when_only_two_classes() -> None:
     np.testing.assert_array_equal(stats[:, 0], 0.0)
 
 
-def test_voice_maps_equal_unchunked_variance_when_classes_processed_in_chunks(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_voice_maps_equal_variance_of_finished_maps_when_computed_by_hand() -> None:
     raw = np.random.default_rng(5).normal(size=(3, 12, 4, 4))
     predicted = np.array([0, 5, 11])
     finished = H.finish_maps(raw, (8, 8))
@@ -308,11 +306,7 @@ def test_voice_maps_equal_unchunked_variance_when_classes_processed_in_chunks(
             for n, p in enumerate(predicted)
         ]
     )
-    whole = H.voice_maps(raw, predicted, (8, 8))
-    monkeypatch.setattr(H, "_MAX_CHUNK_ELEMENTS", 3 * 64 * 2)  # two classes per chunk
-    chunked = H.voice_maps(raw, predicted, (8, 8))
-    np.testing.assert_allclose(whole, expected, atol=1e-12)
-    np.testing.assert_allclose(chunked, expected, atol=1e-12)
+    np.testing.assert_allclose(H.voice_maps(raw, predicted, (8, 8)), expected, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- invariants
