@@ -3,7 +3,9 @@
 The references below never use the closed forms: they build a real ``nn.Linear`` head
 ``z = W h + b`` in float64, write the loss of each definition, and differentiate it
 with ``torch.autograd`` one sample at a time. The numpy scores must agree to 1e-6
-relative (in practice about 1e-12), on random heads and on the trained demo model.
+relative (in practice about 1e-12), on random heads and on the trained demo model; the
+headline ``gradtrust`` is a logarithm, so it must agree to ``LOG_ATOL`` absolute, which is
+the same as 1e-9 relative on the ratio it is the log of.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gradtrust import InvalidInputError
 from gradtrust.core import scores as S
 
 RTOL = 1e-6  # the contract; observed agreement is ~1e-12
+LOG_ATOL = 1e-9  # for the log-domain headline gradtrust; observed ~1e-13
 REPO = Path(__file__).resolve().parents[2]
 DEMO_ONNX = REPO / "model_repository" / "gradtrust_mnist" / "1" / "model.onnx"
 DEMO_STATE = REPO / "model_repository" / "gradtrust_mnist" / "demo_cnn.pt"
@@ -50,7 +53,7 @@ def _weight_grad(head: nn.Linear, loss: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def _ref_gradtrust(head: nn.Linear, h: torch.Tensor) -> np.ndarray:
+def _ref_gradtrust_released(head: nn.Linear, h: torch.Tensor) -> np.ndarray:
     """Released-code definition: MSE of z against 1/C, dL/dW, unbiased var_j of G_cj^2."""
     out = []
     for h_i in h:
@@ -105,7 +108,8 @@ def _ref_baselines(z: torch.Tensor) -> dict[str, np.ndarray]:
 
 def _all_references(head: nn.Linear, h: torch.Tensor, k: int = 3) -> dict[str, np.ndarray]:
     refs = _ref_baselines(head(h))
-    refs["gradtrust"] = _ref_gradtrust(head, h)
+    refs["gradtrust"] = np.log(_ref_contrast_trust(head, h, S.GRADTRUST_K))
+    refs["gradtrust_released"] = _ref_gradtrust_released(head, h)
     refs["contrast_trust"] = _ref_contrast_trust(head, h, k)
     refs["gradnorm"] = _ref_gradnorm(head, h)
     return refs
@@ -120,7 +124,10 @@ def _assert_matches_references(scores: dict[str, np.ndarray], refs: dict[str, np
     assert set(scores) == set(refs)
     for name, ref in refs.items():
         assert np.all(np.isfinite(ref)), f"reference {name} not finite: pick another head"
-        np.testing.assert_allclose(scores[name], ref, rtol=RTOL, atol=0, err_msg=name)
+        if name == "gradtrust":
+            np.testing.assert_allclose(scores[name], ref, rtol=0, atol=LOG_ATOL, err_msg=name)
+        else:
+            np.testing.assert_allclose(scores[name], ref, rtol=RTOL, atol=0, err_msg=name)
 
 
 # --------------------------------------------------------------------- against autograd
@@ -142,6 +149,7 @@ def test_each_score_function_matches_autograd_definitions_when_called_alone(c: i
     z = _logits(head, h)
     scores = {
         "gradtrust": S.gradtrust(z),
+        "gradtrust_released": S.gradtrust_released(z),
         "contrast_trust": S.contrast_trust(z),
         "msp": S.msp(z),
         "entropy": S.entropy(z),
@@ -214,9 +222,21 @@ def test_scores_match_autograd_when_demo_mnist_model_scores_real_digits() -> Non
 # ------------------------------------------------------------------------ hand-derived
 
 
-def test_gradtrust_equals_hand_value_when_one_logit_is_one_of_four() -> None:
+def test_gradtrust_released_equals_hand_value_when_one_logit_is_one_of_four() -> None:
     # a = z - 1/4 = (3/4, -1/4, -1/4, -1/4); a^4 * 256 = (81, 1, 1, 1): 81 / (84/4) = 27/7.
-    np.testing.assert_allclose(S.gradtrust([[1.0, 0.0, 0.0, 0.0]]), [27 / 7], rtol=1e-15)
+    np.testing.assert_allclose(S.gradtrust_released([[1.0, 0.0, 0.0, 0.0]]), [27 / 7], 1e-15)
+
+
+@pytest.mark.parametrize("gap", [0.0, 1.5, 20.0, 300.0, 354.0, 1e4, 1e30])
+def test_gradtrust_equals_twice_the_logit_gap_when_two_classes(gap: float) -> None:
+    # C = 2: the ratio is exp(2 (z_P - z_Q)), so its log is 2 (z_P - z_Q), with no ceiling.
+    got = S.gradtrust([[0.25, 0.25 - gap], [0.25 - gap, 0.25]])
+    np.testing.assert_allclose(got, [2 * gap] * 2, rtol=1e-15, atol=1e-15)
+
+
+def test_gradtrust_equals_hand_value_when_probabilities_half_quarter_quarter() -> None:
+    # p = (1/2, 1/4, 1/4): ||p - e_Q||^2 = 7/8, ||p - e_P||^2 = 3/8.
+    np.testing.assert_allclose(S.gradtrust([[math.log(2), 0.0, 0.0]]), [math.log(7 / 3)], 1e-14)
 
 
 @pytest.mark.parametrize("gap", [0.0, 1.5, 20.0, 300.0, 354.0])
@@ -272,7 +292,16 @@ def test_scores_leave_inputs_unchanged_when_computed() -> None:
     z.setflags(write=False)
     feats.setflags(write=False)
     S.compute_scores(z, S.SCORE_NAMES, features=feats)
-    for fn in (S.gradtrust, S.contrast_trust, S.msp, S.entropy, S.margin, S.energy, S.softmax):
+    for fn in (
+        S.gradtrust,
+        S.gradtrust_released,
+        S.contrast_trust,
+        S.msp,
+        S.entropy,
+        S.margin,
+        S.energy,
+        S.softmax,
+    ):
         fn(z)
     S.gradnorm(z, feats)
     np.testing.assert_array_equal(z, z_before)
@@ -342,7 +371,8 @@ def test_scores_stay_finite_and_in_their_documented_ranges_when_logits_are_any_f
         assert values.shape == (n,) and values.dtype == np.float64, name
         assert np.all(np.isfinite(values)), name
     tiny = 1e-12
-    assert np.all((got["gradtrust"] >= 1.0) & (got["gradtrust"] <= c))
+    assert np.all((got["gradtrust"] >= 0.0) & (got["gradtrust"] <= 0.5 * np.finfo(float).max))
+    assert np.all((got["gradtrust_released"] >= 1.0) & (got["gradtrust_released"] <= c))
     assert np.all(got["contrast_trust"] >= 1.0)
     assert np.all((got["msp"] >= 1.0 / c) & (got["msp"] <= 1.0))
     assert np.all((got["entropy"] >= -math.log(c) - tiny) & (got["entropy"] <= 0.0))
@@ -367,9 +397,9 @@ def test_every_score_rises_when_the_prediction_grows_more_confident() -> None:
         assert values[-1] > values[0], name
 
 
-def test_gradtrust_rises_when_one_logit_is_strongly_negative() -> None:
+def test_gradtrust_released_rises_when_one_logit_is_strongly_negative() -> None:
     # The documented caveat: |a|^4 counts a very negative logit like a dominant one.
-    calm, one_negative = S.gradtrust([[2.0, 1.0, 0.0, 0.0], [2.0, 1.0, 0.0, -30.0]])
+    calm, one_negative = S.gradtrust_released([[2.0, 1.0, 0.0, 0.0], [2.0, 1.0, 0.0, -30.0]])
     assert one_negative > calm
 
 
@@ -389,7 +419,8 @@ def test_softmax_sums_to_one_when_logits_are_extreme() -> None:
 
 def test_scores_take_their_minimum_trust_values_when_all_logits_are_equal() -> None:
     got = S.compute_scores(np.full((2, 5), 7.0), LOGIT_ONLY)
-    np.testing.assert_array_equal(got["gradtrust"], [1.0, 1.0])
+    np.testing.assert_array_equal(got["gradtrust"], [0.0, 0.0])
+    np.testing.assert_array_equal(got["gradtrust_released"], [1.0, 1.0])
     np.testing.assert_allclose(got["contrast_trust"], [1.0, 1.0], rtol=1e-15)
     np.testing.assert_allclose(got["msp"], [0.2, 0.2], rtol=1e-15)
     np.testing.assert_allclose(got["entropy"], [-math.log(5)] * 2, rtol=1e-15)
@@ -398,8 +429,8 @@ def test_scores_take_their_minimum_trust_values_when_all_logits_are_equal() -> N
 
 
 @pytest.mark.parametrize("c", [2, 4, 10])
-def test_gradtrust_is_defined_as_one_when_every_logit_equals_one_over_c(c: int) -> None:
-    np.testing.assert_array_equal(S.gradtrust(np.full((3, c), 1.0 / c)), [1.0, 1.0, 1.0])
+def test_gradtrust_released_is_defined_as_one_when_every_logit_equals_one_over_c(c: int) -> None:
+    np.testing.assert_array_equal(S.gradtrust_released(np.full((3, c), 1.0 / c)), [1.0] * 3)
 
 
 def test_gradnorm_is_zero_when_logits_are_equal_or_features_are_zero() -> None:
@@ -417,7 +448,11 @@ def test_scores_stay_finite_without_warnings_when_logit_gaps_are_huge(gap: float
     np.testing.assert_array_equal(got["msp"][[0, 2]], [1.0, 1.0])
     np.testing.assert_allclose(got["entropy"][[0, 2]], [0.0, 0.0], atol=1e-200)
     np.testing.assert_array_equal(got["contrast_trust"][[0, 2]], [np.finfo(np.float64).max] * 2)
-    np.testing.assert_allclose(got["gradtrust"][0], 3.0, rtol=1e-12)
+    np.testing.assert_allclose(got["gradtrust_released"][0], 3.0, rtol=1e-12)
+    # z = (gap, 0, 0): the ratio is ((1 + s)^2 + 1 + s^2) / (6 s^2) with s = e^-gap, whose
+    # log is 2 gap - log 3 here; past a gap of 4.5e307 the score is capped, still finite.
+    expected = 2 * min(gap, np.finfo(np.float64).max / 4) - math.log(3)
+    np.testing.assert_allclose(got["gradtrust"][0], expected, rtol=1e-15)
 
 
 @pytest.mark.filterwarnings("error")
@@ -427,7 +462,8 @@ def test_scores_equal_hand_values_without_warnings_when_logits_span_more_than_fl
     got = S.compute_scores(z, S.SCORE_NAMES, features=np.array([[1.0, -2.0], [0.5, 0.5]]))
     expected = {
         # p = (1/2, 1/2, 0): contrasts Q1, Q2 give (1/2 + 3/2) / 2 over 1/2.
-        "gradtrust": [1.0, 3 * 81 / 113],  # a ~ (1.5, 1, -1) e308: 1 / mean(1, 16/81, 16/81)
+        "gradtrust": [math.log(2), np.finfo(np.float64).max / 2],  # gap 5e307: capped
+        "gradtrust_released": [1.0, 3 * 81 / 113],  # a ~ (1.5, 1, -1) e308
         "contrast_trust": [2.0, np.finfo(np.float64).max],
         "msp": [0.5, 1.0],
         "entropy": [-math.log(2), 0.0],
@@ -485,7 +521,16 @@ def test_scores_return_empty_arrays_when_batch_is_empty() -> None:
     z = np.zeros((0, 10))
     got = S.compute_scores(z, S.SCORE_NAMES, features=np.zeros((0, 6)))
     assert list(got) == list(S.SCORE_NAMES)
-    for fn in (S.gradtrust, S.contrast_trust, S.msp, S.entropy, S.margin, S.max_logit, S.energy):
+    for fn in (
+        S.gradtrust,
+        S.gradtrust_released,
+        S.contrast_trust,
+        S.msp,
+        S.entropy,
+        S.margin,
+        S.max_logit,
+        S.energy,
+    ):
         got[fn.__name__ + "_alone"] = fn(z)
     got["gradnorm_alone"] = S.gradnorm(z, np.zeros((0, 6)))
     for name, values in got.items():

@@ -4,30 +4,44 @@ The classifier is assumed to end in a linear head ``z = W h + b`` (``W`` is C x 
 Every function takes a batch of logits of shape (N, C), works in float64 and returns
 one value per sample: no reduction ever mixes two samples, so a sample's score does
 not depend on the rest of its batch. Every score is served so that **higher = more
-trust**. The exact definitions live in the project's ``scores.md``; in short, with
-``p = softmax(z)`` and ``P = argmax z``:
+trust**. With ``p = softmax(z)``, ``P = argmax z`` and ``Q_1, Q_2, ...`` the other
+classes from most to least probable:
 
-============== =========================================================== ============
-score          definition                                                  range
-============== =========================================================== ============
-gradtrust      ``max_c a_c^4 / mean_c a_c^4`` with ``a = z - 1/C``         [1, C]
-contrast_trust ``mean_k ||p - e_Qk||^2 / ||p - e_P||^2``, Q_k the k most    [1, float64 max]
-               probable classes after P (k = 3 by default, capped at C-1)
-msp            ``max_c p_c``                                               [1/C, 1]
-entropy        ``sum_c p_c log p_c`` (negative entropy)                    [-log C, 0]
-margin         ``p_(1) - p_(2)``                                           [0, 1]
-max_logit      ``z_P``                                                     any real
-energy         ``logsumexp(z)`` (temperature 1)                            any real
-gradnorm       ``(1/T) ||C softmax(z/T) - 1||_1 ||h||_1`` (needs features) [0, 2(C-1)/T ||h||_1]
-============== =========================================================== ============
+================== ======================================================= ===============
+score              definition                                              range
+================== ======================================================= ===============
+gradtrust          ``log( mean_k ||p - e_Qk||^2 / ||p - e_P||^2 )``,       [0, 9e307]
+                   k = 3 (:data:`GRADTRUST_K`, capped at C-1)
+gradtrust_released ``max_c a_c^4 / mean_c a_c^4`` with ``a = z - 1/C``    [1, C]
+contrast_trust     ``mean_k ||p - e_Qk||^2 / ||p - e_P||^2`` (k = 3 by      [1, float64 max]
+                   default, the config/request parameter ``contrast_k``)
+msp                ``max_c p_c``                                           [1/C, 1]
+entropy            ``sum_c p_c log p_c`` (negative entropy)                [-log C, 0]
+margin             ``p_(1) - p_(2)``                                       [0, 1]
+max_logit          ``z_P``                                                 any real
+energy             ``logsumexp(z)`` (temperature 1)                        any real
+gradnorm           ``(1/T) ||C softmax(z/T) - 1||_1 ||h||_1`` (features)   [0, 2(C-1)/T ||h||_1]
+================== ======================================================= ===============
 
-``gradtrust`` is the closed form of the released GradTrust code (variance of squared
-last-layer gradients of an MSE-to-1/C loss, max over mean of the class rows): the
-feature factor cancels, so it needs only the logits. ``contrast_trust`` and ``gradnorm``
-are closed forms of last-layer gradient statistics as well; the tests check all of them
-against ``torch.autograd`` run on the definitions. Two of the served signs carry caveats
-stated in their docstrings: gradtrust also rises for a strongly *negative* logit and is
-not shift-invariant, and gradnorm scales with the feature magnitude ``||h||_1``.
+**gradtrust**, the headline score (the ``GRADTRUST`` output), is the tutorial's
+counterfactual GradTrust: the variance of the last-layer cross-entropy gradient
+``(p - e_q) h^T`` towards the k most probable other classes, over its variance towards
+the prediction itself (``||h||`` cancels), served as its natural logarithm. It depends on
+the logits only through the softmax, so adding a constant to every logit (which
+cross-entropy training leaves free) cannot change it; the log keeps confident predictions
+apart (it grows like ``2 (z_P - z_Q1)``) where the ratio itself overflows float32 at a logit
+gap of about 45. It is computed from the factored softmax below, never forming
+``1 - p_P``. The value 0 means the contrast classes are as probable as P.
+
+**gradtrust_released** is the closed form of the authors' released code (variance of
+squared last-layer gradients of an MSE-to-1/C loss, max over mean of the class rows).
+Until this definition changed it was the headline; it is kept by name because it is the
+published one, but it **depends on the logit offset**: it reads the raw logits against
+1/C, so adding a constant to all logits changes it, and on models trained with plain
+cross-entropy it can rank right vs wrong predictions worse than chance (numbers in
+``docs/EVALUATION.md``). ``contrast_trust`` is the ratio inside ``gradtrust`` with a
+configurable k; it saturates at float64's (and, served, float32's) maximum.
+The tests check every closed form against ``torch.autograd`` run on the definitions.
 
 Degenerate inputs, by design:
 
@@ -36,14 +50,15 @@ Degenerate inputs, by design:
   score is never NaN.
 - **C < 2**, a non-2-D array or a non-numeric dtype is refused the same way.
 - **N = 0** is valid: every score is an empty float64 array.
-- **All logits equal**: p is uniform, so msp = 1/C, entropy = -log C, margin = 0 and
-  contrast_trust = 1 (all minimum trust); gradtrust = 1 (its minimum), and when every
-  ``a_c`` is exactly 0 (all logits equal to 1/C), where the definition is 0/0,
-  gradtrust is *defined* as 1.0.
-- **C = 2**: contrast_trust uses k = 1 and equals ``exp(2 (z_P - z_Q))``.
-- **Huge logit gaps** (1e3, 1e30): every score stays finite. contrast_trust grows like
-  ``exp(2 gap)``; where its true value exceeds the float64 range it saturates at
-  ``np.finfo(np.float64).max``.
+- **All logits equal**: p is uniform, so gradtrust = 0, contrast_trust = 1, msp = 1/C,
+  entropy = -log C, margin = 0 (all minimum trust); gradtrust_released = 1 (its
+  minimum), and when every ``a_c`` is exactly 0 (all logits equal to 1/C), where its
+  definition is 0/0, it is *defined* as 1.0.
+- **C = 2**: gradtrust = ``2 (z_P - z_Q)`` and contrast_trust = ``exp(2 (z_P - z_Q))``.
+- **Huge logit gaps** (1e3, 1e30): every score stays finite. gradtrust grows like
+  ``2 gap`` with no tie among confident predictions; only beyond a gap of
+  ``float64 max / 4`` (4.5e307) does it saturate, at about 9e307. contrast_trust
+  saturates at ``np.finfo(np.float64).max`` where its true value exceeds float64.
 - **Ties** for the largest logit: P is the lowest tied index (:func:`predicted_class`).
   No score depends on how ties are broken, only on the tied values.
 """
@@ -70,8 +85,15 @@ SCORE_NAMES: tuple[str, ...] = (
     "max_logit",
     "energy",
     "gradnorm",
+    "gradtrust_released",
 )
-"""Every score :func:`compute_scores` knows, in a stable order."""
+"""Every score :func:`compute_scores` knows, in a stable order (new names go last, so the
+columns of existing score lists keep their positions)."""
+
+GRADTRUST_K = 3
+"""How many counterfactual classes the headline ``gradtrust`` averages over (capped at
+C - 1). Fixed, unlike ``contrast_k``: a model's low-trust threshold and trust calibration
+are fitted to one definition, so no request or config can change it."""
 
 NEEDS_FEATURES: frozenset[str] = frozenset({"gradnorm"})
 """Scores that also need the penultimate features ``h``, not just the logits."""
@@ -87,6 +109,9 @@ _SPAN_CAP = 1e4
 # (rows, C) float64 temporary stays under 128 KiB: mostly in cache, and below glibc's
 # default threshold above which every allocation maps fresh pages (measured 2x slower).
 _BLOCK_VALUES = 16384
+# gradtrust adds 2 (z_P - z_Q1) to bounded terms; capping the gap here keeps that finite
+# (about 9e307 at most) even for logits that span more than float64.
+_LOG_GAP_CAP = _FLOAT64_MAX / 4.0
 
 
 def _numeric_float64(values: ArrayLike, what: str, copy: bool) -> Floats:
@@ -226,7 +251,7 @@ def predicted_class(logits: ArrayLike) -> NDArray[np.intp]:
     return np.argmax(_logits(logits, copy=False), axis=1)
 
 
-def _gradtrust(z: Floats) -> Floats:
+def _gradtrust_released(z: Floats) -> Floats:
     c = z.shape[1]
     b = z - 1.0 / c
     # Divide by max|a| so a^4 cannot overflow (or underflow to 0/0): every |b| <= 1 and
@@ -242,18 +267,19 @@ def _gradtrust(z: Floats) -> Floats:
     return c / sum_b4
 
 
-def gradtrust(logits: ArrayLike) -> Floats:
-    """GradTrust: how concentrated the last-layer MSE-to-1/C gradient is in one class row.
+def gradtrust_released(logits: ArrayLike) -> Floats:
+    """GradTrust as the authors' released code computes it (offset-dependent; not the headline).
 
-    Definition (released GradTrust code): ``L = mean_c (z_c - 1/C)^2``,
-    ``G = dL/dW``, ``e_c`` = unbiased variance over j of ``G_cj^2``, score
-    ``max_c e_c / mean_c e_c``. Closed form ``max_c a_c^4 / mean_c a_c^4`` with
-    ``a = z - 1/C`` (the feature factor cancels). Range [1, C]; higher = more trust,
-    as its authors use it. Honest caveats: a large *negative* logit raises it just as a
-    large positive one does, and, unlike softmax, it changes when a constant is added
-    to all logits. All ``a_c`` equal gives 1; all ``a_c == 0`` (0/0) is defined as 1.0.
+    Definition: ``L = mean_c (z_c - 1/C)^2``, ``G = dL/dW``, ``e_c`` = unbiased variance
+    over j of ``G_cj^2``, score ``max_c e_c / mean_c e_c``. Closed form
+    ``max_c a_c^4 / mean_c a_c^4`` with ``a = z - 1/C`` (the feature factor cancels).
+    Range [1, C]; higher = more trust, as its authors use it. Caveats, measured: it
+    changes when a constant is added to all logits (which softmax and cross-entropy
+    ignore), so how well it ranks errors depends on where training left the logit level;
+    and a large *negative* logit raises it just as a large positive one does. All ``a_c``
+    equal gives 1; all ``a_c == 0`` (0/0) is defined as 1.0.
     """
-    return compute_scores(logits, ["gradtrust"])["gradtrust"]
+    return compute_scores(logits, ["gradtrust_released"])["gradtrust_released"]
 
 
 def _check_k(k: int) -> int:
@@ -295,6 +321,35 @@ def contrast_trust(logits: ArrayLike, k: int = 3) -> Floats:
     saturates at ``np.finfo(np.float64).max`` instead of becoming inf.
     """
     return compute_scores(logits, ["contrast_trust"], contrast_k=k)["contrast_trust"]
+
+
+def _log_gradtrust(sm: _Softmax, k: int) -> Floats:
+    # log of the contrast_trust ratio (see _contrast_trust for the algebra), summed in the
+    # log domain: log(mean_k ||p - e_Qk||^2 Z^2) - log(T1^2 + T2) + 2 (z_P - z_Q1). Both
+    # logs take values >= 1, and the uncapped gap enters linearly, so the result neither
+    # overflows nor ties for confident predictions.
+    top, total, r = sm.top, sm.total, sm.r
+    t_sq = np.einsum("nc,nc->n", sm.t, sm.t)  # T2 >= 1
+    s_q_sum = np.exp(top[:, 1 : k + 1] - top[:, :1]).sum(axis=1)
+    numer = total * (total - (2.0 / k) * s_q_sum) + (1.0 + r * r * t_sq)
+    gap = np.minimum(top[:, 0] - top[:, 1], _LOG_GAP_CAP)  # inf (span overflow) -> cap
+    score = np.log(numer) - np.log(sm.t_sum * sm.t_sum + t_sq) + 2.0 * gap
+    return np.maximum(score, 0.0)  # the ratio is >= 1; rounding must not dip below 0
+
+
+def gradtrust(logits: ArrayLike) -> Floats:
+    """GradTrust, the headline score: log of the counterfactual gradient-variance ratio.
+
+    ``log( mean_k ||p - e_Qk||^2 / ||p - e_P||^2 )`` over the k = :data:`GRADTRUST_K`
+    most probable classes Q_k after P (capped at C - 1): the variance of the last-layer
+    cross-entropy gradient ``(p - e_q) h^T`` towards each counterfactual class over the
+    variance towards the prediction (``||h||`` cancels). Range [0, ~9e307]; higher = more
+    trust; 0 when the contrast classes are as probable as P. Unchanged by adding a
+    constant to every logit. It grows like ``2 (z_P - z_Q1)``, so confident predictions
+    keep distinct finite values (the ratio itself would overflow float32 past a gap of
+    about 45).
+    """
+    return compute_scores(logits, ["gradtrust"])["gradtrust"]
 
 
 def msp(logits: ArrayLike) -> Floats:
@@ -418,12 +473,20 @@ def _score_block(z: Floats, h: Floats | None, wanted: list[str], k: int) -> dict
     Run under ``np.errstate(over="ignore")``, as :meth:`_Softmax.of` explains.
     """
     out: dict[str, Floats] = {}
-    if "gradtrust" in wanted:
-        out["gradtrust"] = _gradtrust(z)
+    if "gradtrust_released" in wanted:
+        out["gradtrust_released"] = _gradtrust_released(z)
     if len(out) < len(wanted):
-        sm = _Softmax.of(z, k + 1 if "contrast_trust" in wanted else 2)
+        k_headline = min(GRADTRUST_K, z.shape[1] - 1)
+        m = 2
+        if "contrast_trust" in wanted:
+            m = max(m, k + 1)
+        if "gradtrust" in wanted:
+            m = max(m, k_headline + 1)
+        sm = _Softmax.of(z, m)
         for name in wanted:
-            if name == "contrast_trust":
+            if name == "gradtrust":
+                out[name] = _log_gradtrust(sm, k_headline)
+            elif name == "contrast_trust":
                 out[name] = _contrast_trust(sm, k)
             elif name == "msp":
                 out[name] = 1.0 / sm.total
@@ -453,7 +516,9 @@ def compute_scores(
     O(N C) step; big batches go through in cache-sized row blocks. Returns
     ``{name: (N,) float64}`` in the order requested (duplicates collapse). Unknown names,
     or ``"gradnorm"`` without ``features``, raise :class:`InvalidInputError`; features
-    are validated only when a score needs them. gradnorm uses temperature 1.
+    are validated only when a score needs them. gradnorm uses temperature 1;
+    ``contrast_k`` applies to ``contrast_trust`` only (``gradtrust`` always uses
+    :data:`GRADTRUST_K`).
     """
     wanted = _check_names(names)
     needs_h = NEEDS_FEATURES.intersection(wanted)

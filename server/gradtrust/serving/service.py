@@ -292,7 +292,7 @@ class TrustService:
         if needed(CONFIDENCE):
             columns[CONFIDENCE] = conf.astype(np.float32).reshape(-1, 1)
         if needed(GRADTRUST):
-            columns[GRADTRUST] = trust.astype(np.float32).reshape(-1, 1)
+            columns[GRADTRUST] = _to_float32(trust).reshape(-1, 1)  # finite, see scores.gradtrust
         if self.calibration is not None and needed(TRUST_PROB):
             prob = self.calibration.apply(trust)  # elementwise; NaN (failed) rows stay NaN
             columns[TRUST_PROB] = prob.astype(np.float32).reshape(-1, 1)
