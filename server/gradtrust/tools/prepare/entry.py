@@ -9,6 +9,7 @@ into place last, so a failure at any step leaves the repository exactly as it wa
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -17,8 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
+from gradtrust.core import scores
 from gradtrust.errors import ConfigError
 from gradtrust.serving.contract import IMAGE, IMAGE_BYTES, OUTPUT_SPECS
 from gradtrust.serving.decoding import PreprocessSpec
@@ -79,8 +82,12 @@ def read_labels(path: str | os.PathLike[str], num_classes: int | None) -> tuple[
 
 
 def default_threshold(num_classes: int) -> float:
-    """A starting low-trust threshold: a fifth of the way from 1 to C (GradTrust's range)."""
-    return round(1.0 + 0.2 * (num_classes - 1), 3)
+    """A starting low-trust threshold until ``gradtrust calibrate`` fits one on data: the
+    GradTrust of a prediction with probability 0.9 against a single runner-up (about 4.4;
+    GradTrust depends only on the softmax, so the value means the same for any model)."""
+    logits = np.full((1, num_classes), -60.0)  # the other classes: probability ~1e-26
+    logits[0, :2] = (math.log(9.0), 0.0)
+    return round(float(scores.gradtrust(logits)[0]), 3)
 
 
 def _quote(text: str) -> str:
@@ -145,7 +152,9 @@ def config_text(
     if decodable:
         inputs.append(_block(IMAGE_BYTES, ["data_type: TYPE_STRING", "dims: [ 1 ]", *optional]))
     outputs = [_block(n, [f"data_type: {t}", f"dims: {d}"]) for n, t, d in _OUTPUTS]
-    threshold = low_trust_threshold or default_threshold(model.num_classes)
+    threshold = (
+        default_threshold(model.num_classes) if low_trust_threshold is None else low_trust_threshold
+    )
     params: dict[str, str] = {
         **model.parameters,
         "scores": ",".join(scores),

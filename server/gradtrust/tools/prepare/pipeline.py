@@ -161,10 +161,10 @@ def prepare_entry(
             else tuple(str(i) for i in range(prepared.num_classes))
         )
         source = Path(os.fspath(onnx_file or torch_model or "")).name
-    if low_trust_threshold is not None and not 1.0 <= low_trust_threshold <= model.num_classes:
+    if low_trust_threshold is not None and not 0.0 <= low_trust_threshold < float("inf"):
         raise ConfigError(
-            f"--low-trust-threshold must be in [1, {model.num_classes}] (GradTrust's range "
-            f"for {model.num_classes} classes), got {low_trust_threshold}"
+            f"--low-trust-threshold must be a finite number >= 0 (GradTrust's range), "
+            f"got {low_trust_threshold}"
         )
     channels, fixed = image_geometry(model.input_dims, layout)
     spec = PreprocessSpec(
