@@ -31,6 +31,7 @@ from gradtrust_client.images import (
     load_images_with_names,
     overlay_png,
     question_for,
+    upsample_heatmap,
 )
 from gradtrust_client.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
 
@@ -55,4 +56,5 @@ __all__ = [
     "load_images_with_names",
     "overlay_png",
     "question_for",
+    "upsample_heatmap",
 ]

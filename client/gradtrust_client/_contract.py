@@ -22,5 +22,9 @@ PARAM_SCORES = "scores"
 PARAM_CONTRAST_K = "contrast_k"
 PARAM_HEATMAP_METHOD = "heatmap_method"
 PARAM_CONTRAST_CLASS = "contrast_class"
+PARAM_HEATMAP_SIZE = "heatmap_size"
 
 HEATMAP_METHODS: tuple[str, ...] = ("gradcam", "counterfactual", "contrast", "voice")
+HEATMAP_SIZE_INPUT = "input"
+HEATMAP_SIZE_ACTIVATION = "activation"
+HEATMAP_SIZES: tuple[str, ...] = (HEATMAP_SIZE_INPUT, HEATMAP_SIZE_ACTIVATION)

@@ -58,7 +58,10 @@ class Prediction:
 class Explanation:
     """One image's prediction and a heatmap answering ``question`` about it.
 
-    ``heatmap`` is a read-only (H, W) float32 array in [0, 1] at the input's resolution.
+    ``heatmap`` is a read-only (H, W) float32 array in [0, 1] at the input's resolution,
+    or at the model's activation resolution (h, w) when asked with
+    ``heatmap_size="activation"`` (:func:`gradtrust_client.images.upsample_heatmap` brings
+    it to the image; :func:`~gradtrust_client.images.overlay_png` does so by itself).
     ``contrast_class`` is the contrast requested (None: the server's default, the
     runner-up class); ``stats`` holds ``snr`` and ``iou`` for method ``voice``.
     """
@@ -219,17 +222,26 @@ class TrustClient:
         images: Images,
         method: str = "gradcam",
         contrast: int | str | None = None,
+        heatmap_size: str = C.HEATMAP_SIZE_INPUT,
     ) -> list[Explanation]:
         """Heatmaps answering ``method``'s question for each image (see :data:`QUESTIONS`).
 
         ``contrast`` (class index or label) names Q for ``method="contrast"``; None lets the
-        server pick the runner-up class.
+        server pick the runner-up class. ``heatmap_size="activation"`` asks for the maps at
+        the model's activation resolution (for a 7 x 7 layer, 49 values instead of the
+        image's pixels); upsample them with :func:`gradtrust_client.images.upsample_heatmap`.
         """
         if method not in METHODS:
             raise InvalidRequestError(
                 f"unknown explanation method {method!r}: use one of {', '.join(METHODS)}"
             )
+        if heatmap_size not in C.HEATMAP_SIZES:
+            raise InvalidRequestError(
+                f"unknown heatmap_size {heatmap_size!r}: use one of {', '.join(C.HEATMAP_SIZES)}"
+            )
         params: dict[str, ParamValue] = {C.PARAM_HEATMAP_METHOD: method}
+        if heatmap_size != C.HEATMAP_SIZE_INPUT:
+            params[C.PARAM_HEATMAP_SIZE] = heatmap_size
         if contrast is not None:
             if method != "contrast":
                 raise InvalidRequestError(

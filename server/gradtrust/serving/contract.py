@@ -48,13 +48,20 @@ PARAM_SCORES = "scores"
 PARAM_CONTRAST_K = "contrast_k"
 PARAM_HEATMAP_METHOD = "heatmap_method"
 PARAM_CONTRAST_CLASS = "contrast_class"
+#: Where the HEATMAP is drawn: at the input's resolution (default) or at the activation's
+#: own (h, w), a few dozen values that the client can upsample itself.
+PARAM_HEATMAP_SIZE = "heatmap_size"
 REQUEST_PARAMETERS: tuple[str, ...] = (
     PARAM_SCORES,
     PARAM_CONTRAST_K,
     PARAM_HEATMAP_METHOD,
     PARAM_CONTRAST_CLASS,
+    PARAM_HEATMAP_SIZE,
 )
 DEFAULT_HEATMAP_METHOD = "gradcam"
+HEATMAP_SIZE_INPUT = "input"
+HEATMAP_SIZE_ACTIVATION = "activation"
+HEATMAP_SIZES: tuple[str, ...] = (HEATMAP_SIZE_INPUT, HEATMAP_SIZE_ACTIVATION)
 
 # Outputs of a prepared ONNX file (written by `gradtrust prepare`, read by the classifier).
 LOGITS = "logits"
@@ -71,6 +78,9 @@ __all__ = [
     "GRADTRUST",
     "HEATMAP",
     "HEATMAP_METHODS",
+    "HEATMAP_SIZES",
+    "HEATMAP_SIZE_ACTIVATION",
+    "HEATMAP_SIZE_INPUT",
     "HEATMAP_STATS",
     "IMAGE",
     "IMAGE_BYTES",
@@ -81,6 +91,7 @@ __all__ = [
     "PARAM_CONTRAST_CLASS",
     "PARAM_CONTRAST_K",
     "PARAM_HEATMAP_METHOD",
+    "PARAM_HEATMAP_SIZE",
     "PARAM_SCORES",
     "REQUEST_PARAMETERS",
     "SCORES",

@@ -34,6 +34,7 @@ from gradtrust.serving.contract import (
     FEATURES,
     GRADTRUST,
     HEATMAP,
+    HEATMAP_SIZE_ACTIVATION,
     HEATMAP_STATS,
     LABEL,
     LOGITS,
@@ -94,7 +95,12 @@ class TrustService:
         self.classifier = classifier
         self.settings = settings
         self.calibration = calibration  # GradTrust -> P(correct), from `gradtrust calibrate`
-        self.head_weight = classifier.head_weight() if classifier.has_activation else None
+        # The head weight as the maps use it (float64, checked), once per model, not per request.
+        self.head = (
+            heatmaps.Head.from_weight(classifier.head_weight())
+            if classifier.has_activation
+            else None
+        )
         self._label_bytes = np.array([[label.encode()] for label in settings.labels], dtype=object)
         self.checks = ImageChecks(settings, classifier.input_shape, layout)
 
@@ -102,8 +108,8 @@ class TrustService:
     def num_classes(self) -> int:
         return self.classifier.num_classes
 
-    def _check_options(self, options: RequestOptions) -> None:
-        if options.heatmap_method is not None and self.head_weight is None:
+    def _check_options(self, options: RequestOptions, images: int) -> None:
+        if options.heatmap_method is not None and self.head is None:
             raise InvalidInputError(
                 "this model cannot produce a HEATMAP: its ONNX file has no 'activation' output "
                 "(the last conv activation before global average pooling); re-export it with "
@@ -112,6 +118,16 @@ class TrustService:
         if _needs_features(options) and not self.classifier.has_features:
             raise InvalidInputError(
                 "score gradnorm needs the model's 'features' output, which it lacks"
+            )
+        cap = self.settings.max_voice_images
+        if options.heatmap_method == "voice" and images > cap:
+            raise InvalidInputError(
+                f"heatmap_method=voice is limited to {cap} image(s) per request by the model's "
+                f"config parameter 'max_voice_images' (VOICE explains against every class); "
+                f"this request has {images}: split it into requests of at most {cap} image(s)"
+                if cap
+                else "heatmap_method=voice is turned off for this model (config parameter "
+                "'max_voice_images' is 0): ask for another heatmap_method"
             )
 
     def run(self, requests: Sequence[ScoringRequest]) -> BatchResult:
@@ -148,7 +164,7 @@ class TrustService:
             try:
                 if problem is not None:
                     raise problem
-                self._check_options(requests[i].options)
+                self._check_options(requests[i].options, len(requests[i].images))
                 accepted.append(i)
             except InvalidInputError as err:
                 answers[i] = err
@@ -206,9 +222,11 @@ class TrustService:
                     maps, stats = heatmaps.explain(
                         options.heatmap_method,
                         net[ACTIVATION][rows].astype(np.float64),
-                        cast(np.ndarray, self.head_weight),  # not None: _check_options
+                        cast(heatmaps.Head, self.head),  # not None: _check_options
                         logits[rows],
-                        size=spatial_size(request.images.shape, self.checks.layout),
+                        size=None
+                        if options.heatmap_size == HEATMAP_SIZE_ACTIVATION
+                        else spatial_size(request.images.shape, self.checks.layout),
                         contrast_class=options.contrast_class,
                     )
                     heatmap_seconds += time.perf_counter() - t0

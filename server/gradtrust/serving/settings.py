@@ -17,7 +17,13 @@ from typing import Any
 from gradtrust.core.scores import SCORE_NAMES
 from gradtrust.errors import ConfigError, InvalidInputError
 from gradtrust.serving.bls import PARAMETER_KEYS as BLS_PARAMETERS
-from gradtrust.serving.contract import HEATMAP_METHODS, REQUEST_PARAMETERS
+from gradtrust.serving.contract import (
+    HEATMAP_METHODS,
+    HEATMAP_SIZE_INPUT,
+    HEATMAP_SIZES,
+    PARAM_HEATMAP_SIZE,
+    REQUEST_PARAMETERS,
+)
 from gradtrust.serving.decoding import PARAMETER_KEYS as IMAGE_PARAMETERS
 
 #: The scores served in ``SCORES`` when a model's config does not choose
@@ -26,6 +32,11 @@ DEFAULT_SCORES: tuple[str, ...] = tuple(n for n in SCORE_NAMES if n != "gradtrus
 #: Default input limits (config parameters max_request_bytes and max_image_pixels).
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+#: Default cap on the images of one request that ask for a VOICE heatmap (config parameter
+#: max_voice_images): VOICE explains against every class, so it costs about one forward
+#: pass per image at C = 1000 (docs/BENCHMARKS.md); the cap keeps one request from
+#: holding the model instance for long.
+DEFAULT_MAX_VOICE_IMAGES = 8
 #: Default seconds between metric flushes (config parameter metrics_flush_seconds).
 DEFAULT_METRICS_FLUSH_SECONDS = 1.0
 
@@ -96,6 +107,8 @@ class ModelSettings:
     #: Seconds between flushes of the aggregated gradtrust_* metrics to Triton's endpoint:
     #: the cost of monitoring is then per flush, not per prediction (gradtrust.serving.telemetry).
     metrics_flush_seconds: float = DEFAULT_METRICS_FLUSH_SECONDS
+    #: Most images in one request with ``heatmap_method=voice`` (gradtrust.serving.service).
+    max_voice_images: int = DEFAULT_MAX_VOICE_IMAGES
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], labels: Sequence[str]) -> ModelSettings:
@@ -103,6 +116,7 @@ class ModelSettings:
         known = {"scores", "contrast_k", "low_trust_threshold", "pixel_range", "onnx_file"}
         known |= {*IMAGE_PARAMETERS, *BLS_PARAMETERS}  # read by gradtrust.serving.decoding, .bls
         known |= {"max_request_bytes", "max_image_pixels", "metrics_flush_seconds"}
+        known |= {"max_voice_images"}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ConfigError(f"unknown config parameter(s) {unknown}; known: {sorted(known)}")
@@ -120,6 +134,11 @@ class ModelSettings:
                 params.get("max_image_pixels", str(DEFAULT_MAX_IMAGE_PIXELS)),
                 "config parameter 'max_image_pixels'",
                 1,
+            )
+            max_voice = _int(
+                params.get("max_voice_images", str(DEFAULT_MAX_VOICE_IMAGES)),
+                "config parameter 'max_voice_images'",
+                0,
             )
             threshold = float(params.get("low_trust_threshold", "0"))
             flush_text = params.get("metrics_flush_seconds", str(DEFAULT_METRICS_FLUSH_SECONDS))
@@ -151,6 +170,7 @@ class ModelSettings:
             max_request_bytes=max_bytes,
             max_image_pixels=max_pixels,
             metrics_flush_seconds=flush,
+            max_voice_images=max_voice,
         )
 
 
@@ -162,6 +182,8 @@ class RequestOptions:
     contrast_k: int
     heatmap_method: str | None  # None: HEATMAP not requested
     contrast_class: int | None
+    #: "input" (the HEATMAP at the input's resolution) or "activation" (at the activation's).
+    heatmap_size: str = HEATMAP_SIZE_INPUT
 
 
 def parse_request(
@@ -210,7 +232,15 @@ def parse_request(
     contrast_class = None
     if "contrast_class" in params:
         contrast_class = class_index(params["contrast_class"], settings.labels)
-    return RequestOptions(scores, k, method, contrast_class)
+    heatmap_size = params.get(PARAM_HEATMAP_SIZE, HEATMAP_SIZE_INPUT)
+    if isinstance(heatmap_size, str):
+        heatmap_size = heatmap_size.strip()
+    if heatmap_size not in HEATMAP_SIZES:
+        raise InvalidInputError(
+            f"unknown {PARAM_HEATMAP_SIZE} {_short(heatmap_size)}; valid values: "
+            f"{', '.join(HEATMAP_SIZES)}"
+        )
+    return RequestOptions(scores, k, method, contrast_class, heatmap_size)
 
 
 def class_index(value: Any, labels: Sequence[str]) -> int:

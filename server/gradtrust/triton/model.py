@@ -117,7 +117,7 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(
             f"{self.model_name} v{self.model_version}: {classifier.num_classes} classes, "
             f"providers {classifier.providers}, heatmaps "
-            f"{'on' if self.service.head_weight is not None else 'unavailable'}"
+            f"{'on' if self.service.head is not None else 'unavailable'}"
         )
 
     def _parse(self, request: Any) -> ScoringRequest:
