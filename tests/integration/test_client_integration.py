@@ -58,7 +58,7 @@ def test_trust_client_labels_real_digits_mostly_right_when_batch_exceeds_max(cli
     assert (ids == labels).mean() >= 0.9
     assert all(p.label == str(p.class_id) for p in predictions)
     assert all(0.0 <= p.confidence <= 1.0 for p in predictions)
-    assert all(1.0 <= p.gradtrust <= 10.0 for p in predictions)
+    assert all(0.0 <= p.gradtrust < float("inf") for p in predictions)
     assert all(p.scores is None for p in predictions)
 
 
@@ -160,7 +160,7 @@ def test_cli_prints_valid_json_when_predicting_over_grpc(triton_server, capsys):
         assert set(row) == fields
         assert row["trust_prob"] is None  # not asked for
         assert list(row["scores"]) == ["msp", "margin"]
-        assert 1.0 <= row["gradtrust"] <= 10.0
+        assert 0.0 <= row["gradtrust"] < float("inf")  # log of a variance ratio >= 1
 
 
 def test_cli_exits_2_with_server_message_when_score_unknown(triton_server, capsys):
