@@ -49,7 +49,7 @@ evaluate: install
 
 # Fit TRUST_PROB and the low-trust threshold (flag 5% of traffic) into the demo entry.
 calibrate: install
-	$(BIN)/gradtrust calibrate --target flag-rate=0.05
+	$(BIN)/gradtrust calibrate --mix corruptions --target flag-rate=0.05
 
 # Side-by-side benchmarks (docs/BENCHMARKS.md): in-process ratios, then through tritonserver.
 # About 2 + 10 minutes on 2 cores; results in bench/results/. On a GPU host: bench/run_gpu.sh OUT.

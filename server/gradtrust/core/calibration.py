@@ -1,27 +1,45 @@
-"""Turn a trust score into P(correct), and pick a low-trust threshold that means something.
+"""The trust calibration of a model entry: what ``TRUST_PROB`` is, stored and applied.
 
-A raw GradTrust of 4.2 says nothing by itself; "about 93 % of predictions like this one
-were right" does. :class:`TrustCalibration` holds a monotone (isotonic) map from each
-score to the probability that the prediction is correct, fitted (by
-:mod:`gradtrust.tools.evaluate.calibration`) on a labelled calibration split, plus
-the low-trust threshold chosen on the same split for a stated
-target. It is stored as plain JSON and applied with ``np.interp``: the server needs
-numpy only (no scikit-learn).
+``TRUST_PROB`` is the probability that a prediction is right, fitted by ``gradtrust
+calibrate`` (:mod:`gradtrust.tools.evaluate.calibration`) on the user's labelled data. It is
+a function of one *signal*, chosen there as the one that ranked the errors best on a
+held-out part of that data:
 
-JSON format (``trust_calibration.json`` in a model-repository entry)::
+- one input: a score of :mod:`gradtrust.core.scores` or a last-layer gradient feature of
+  :mod:`gradtrust.core.trust_features`, as it is; or
+- a combination: an L2-regularised logistic regression over several inputs, each first
+  put on a common scale (:class:`InputScaling`), so that a heavy-tailed input cannot
+  dominate the weights.
+
+The signal is mapped to a probability by a *centred isotonic* map with Laplace smoothing
+(see :class:`ProbabilityMap`): monotone, piecewise linear between the centres of the
+isotonic blocks, and strictly inside (0, 1). Everything here is numpy: the server applies
+a calibration with ``np.interp`` and a dot product, O(C) per sample after the forward pass.
+
+JSON (``trust_calibration.json`` in a model-repository entry), version 2::
 
     {
-      "format": "gradtrust-trust-calibration", "version": 1,
-      "score": "gradtrust",                      # the score the threshold applies to
-      "maps": {"gradtrust": {"x": [...], "y": [...]}, "msp": {...}, ...},
-      "low_trust_threshold": 2.71,               # low trust = score < threshold
-      "target": {"kind": "flag_rate", "value": 0.1},   # or "error_recall"
-      "achieved_on_calibration": 0.098,
-      "fitted_on": {"samples": 5500, "wrong": 742, "data": "..."}
+      "format": "gradtrust-trust-calibration", "version": 2,
+      "signal": {"kind": "input", "inputs": ["msp"]}
+             or {"kind": "combination", "inputs": [...], "transforms": [{"center": 0.8,
+                 "scale": 1.3}, ...], "coef": [...], "intercept": -1.2, "l2": 1.0},
+      "contrast_k": 3,
+      "map": {"x": [...], "y": [...]},          # signal -> TRUST_PROB
+      "low_trust_threshold": 0.62,              # low trust = TRUST_PROB < threshold
+      "target": {"kind": "flag_rate", "value": 0.05},
+      "achieved_on_calibration": 0.049,
+      "fitted_on": {"samples": 25500, "wrong": 3110, "data": "..."},
+      "selection": {...},                       # how the signal was chosen (informational)
+      "probe": {"logits": [[...]], "features": [[...]] or null, "values": {input: [...]}}
     }
 
-``x`` is strictly increasing, ``y`` non-decreasing in [0, 1]; a value v maps to
-``np.interp(v, x, y)`` (flat beyond both ends).
+The probe holds a few calibration samples and the inputs computed from them when the
+file was written; loading recomputes them, so a file fitted under other score definitions
+is refused (re-run calibrate) instead of silently serving a wrong TRUST_PROB.
+
+Version 1 files (an unsmoothed isotonic map of the released-code GradTrust, whose values
+reached exactly 0 and 1) are refused with a message to re-run ``gradtrust calibrate``: the
+score they were fitted on is no longer the served ``GRADTRUST``.
 """
 
 from __future__ import annotations
@@ -37,52 +55,230 @@ from typing import Any, Literal, cast
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from gradtrust.core import scores as score_functions
+from gradtrust.core import trust_features
 from gradtrust.errors import ConfigError, InvalidInputError
 
 Floats = NDArray[np.float64]
 
 FORMAT = "gradtrust-trust-calibration"
-VERSION = 1
+VERSION = 2
 FILENAME = "trust_calibration.json"
 TargetKind = Literal["flag_rate", "error_recall"]
 TARGET_KINDS: tuple[TargetKind, ...] = ("flag_rate", "error_recall")
+SignalKind = Literal["input", "combination"]
+SIGNAL_KINDS: tuple[SignalKind, ...] = ("input", "combination")
+PROBABILITY_FLOOR = 1e-6
+"""TRUST_PROB is kept in [floor, 1 - floor]. The map's own values already lie strictly
+inside (0, 1) by Laplace smoothing; this guard only keeps them distinct from 0 and 1 after
+the server's cast to float32 (whose spacing just below 1 is 6e-8)."""
+
+
+def _floats(values: Any, what: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"calibration {what} must be a list of numbers ({exc})") from exc
+    if not out or not all(math.isfinite(v) for v in out):
+        raise ConfigError(f"calibration {what} must be a non-empty list of finite numbers")
+    return out
+
+
+def _knots(x: tuple[float, ...], y: tuple[float, ...], what: str, strict_y: bool) -> None:
+    xs, ys = np.asarray(x), np.asarray(y)
+    if xs.size != ys.size:
+        raise ConfigError(f"calibration {what} needs equally long x and y lists")
+    dy = np.diff(ys)
+    if (np.diff(xs) <= 0).any() or (dy <= 0 if strict_y else dy < 0).any():
+        raise ConfigError(
+            f"calibration {what} needs increasing knots: re-run `gradtrust calibrate` "
+            "instead of editing the file"
+        )
 
 
 @dataclass(frozen=True)
-class IsotonicMap:
-    """A monotone map score -> P(correct), applied as ``np.interp(v, x, y)``."""
+class ProbabilityMap:
+    """A monotone map signal -> P(correct), applied as ``np.interp(v, x, y)``.
+
+    Why this form: the fit (:func:`gradtrust.tools.evaluate.calibration.fit_probability_map`)
+    is isotonic regression with a minimum block size, each block's accuracy smoothed as
+    ``(right + 1) / (n + 2)`` (Laplace), with one knot per block at its mean signal. A
+    nonparametric map follows any monotone signal (no assumption that the log-odds are
+    linear in it, which a Platt fit needs); the minimum block size bounds the variance of
+    every level, the smoothing keeps every level strictly inside (0, 1) (a block of 50
+    right answers says "about 98 %", not "certainly"), and interpolating between block
+    centres rather than holding each level flat leaves fewer ties for the low-trust
+    threshold to split. Beyond the outer knots the map is flat.
+    """
 
     x: tuple[float, ...]
     y: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        xs, ys = np.asarray(self.x, dtype=np.float64), np.asarray(self.y, dtype=np.float64)
-        if xs.ndim != 1 or xs.size == 0 or xs.size != ys.size:
-            raise ConfigError("a calibration map needs equally long, non-empty x and y lists")
-        if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
-            raise ConfigError("a calibration map holds non-finite breakpoints: re-run calibrate")
-        if (np.diff(xs) <= 0).any() or (np.diff(ys) < 0).any():
+        _knots(self.x, self.y, "map", strict_y=False)
+        if min(self.y) <= 0.0 or max(self.y) >= 1.0:
             raise ConfigError(
-                "a calibration map needs strictly increasing x and non-decreasing y: "
-                "re-run `gradtrust calibrate` instead of editing the file"
+                "calibration map values must lie strictly between 0 and 1: re-run "
+                "`gradtrust calibrate`"
             )
-        if (ys < 0).any() or (ys > 1).any():
-            raise ConfigError("calibration map values must be probabilities in [0, 1]")
 
     def __call__(self, values: ArrayLike) -> Floats:
-        """P(correct) per value, float64, same shape as ``values``; NaN stays NaN."""
-        v = np.asarray(values, dtype=np.float64)
-        return np.interp(v, np.asarray(self.x), np.asarray(self.y))
+        """P(correct) per value, float64, same shape; NaN stays NaN."""
+        p = np.interp(np.asarray(values, dtype=np.float64), self.x, self.y)
+        return np.clip(p, PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR)
 
     def to_dict(self) -> dict[str, list[float]]:
         return {"x": list(self.x), "y": list(self.y)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> IsotonicMap:
-        try:
-            return cls(tuple(float(v) for v in data["x"]), tuple(float(v) for v in data["y"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"a calibration map needs numeric 'x' and 'y' lists ({exc})") from exc
+    def from_dict(cls, data: Mapping[str, Any]) -> ProbabilityMap:
+        return cls(_floats(data.get("x"), "map x"), _floats(data.get("y"), "map y"))
+
+
+@dataclass(frozen=True)
+class InputScaling:
+    """How a combination puts one input on a common scale: ``(asinh(v) - center) / scale``.
+
+    asinh is a logarithm for large magnitudes and linear near 0, for either sign, so
+    probabilities, log-ratios and raw logits (or a ratio near the float64 maximum) all end
+    up on comparable scales before the weights are fitted; ``center`` and ``scale`` are the
+    median and standard deviation of asinh(v) on the calibration data.
+    """
+
+    center: float
+    scale: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.center) and math.isfinite(self.scale) and self.scale > 0):
+            raise ConfigError("an input scaling needs a finite center and a positive scale")
+
+    def __call__(self, values: ArrayLike) -> Floats:
+        return (np.arcsinh(np.asarray(values, dtype=np.float64)) - self.center) / self.scale
+
+    def to_dict(self) -> dict[str, float]:
+        return {"center": self.center, "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InputScaling:
+        return cls(float(data["center"]), float(data["scale"]))
+
+
+def input_names(num_classes: int, contrast_k: int, has_features: bool) -> tuple[str, ...]:
+    """Every input a signal may use for this model: the scores, then the gradient features."""
+    names = [n for n in score_functions.SCORE_NAMES if has_features or not _score_needs_h(n)]
+    return (*names, *trust_features.feature_names(num_classes, contrast_k, has_features))
+
+
+def _score_needs_h(name: str) -> bool:
+    return name in score_functions.NEEDS_FEATURES
+
+
+def input_needs_features(name: str) -> bool:
+    """Whether an input needs the penultimate features ``h``."""
+    if name in score_functions.SCORE_NAMES:
+        return _score_needs_h(name)
+    return trust_features.needs_features(name)
+
+
+def _is_input_name(name: str) -> bool:
+    if name in score_functions.SCORE_NAMES:
+        return True
+    for prefix in ("cf_ratio_", "cf_grad_norm_"):
+        if name.startswith(prefix):
+            return name[len(prefix) :].isdigit() and int(name[len(prefix) :]) >= 1
+    return name in (*trust_features.RATIO_FEATURES, *trust_features.NORM_FEATURES)
+
+
+def compute_inputs(
+    logits: ArrayLike,
+    names: tuple[str, ...],
+    features: ArrayLike | None = None,
+    contrast_k: int = 3,
+) -> dict[str, Floats]:
+    """The named inputs (scores and gradient features) of each sample, float64, validated
+    once by :func:`gradtrust.core.scores.compute_scores`."""
+    score_names = [n for n in names if n in score_functions.SCORE_NAMES]
+    z = score_functions.as_logits(logits)
+    out = score_functions.compute_scores(z, score_names, features, contrast_k)
+    rest = [n for n in names if n not in out]
+    if rest:
+        out.update(trust_features.compute_gradient_features(z, rest, features, contrast_k))
+    return {name: out[name] for name in names}
+
+
+@dataclass(frozen=True)
+class Signal:
+    """What TRUST_PROB is a monotone function of: one input as it is (``kind="input"``), or
+    ``intercept + sum_i coef_i * transform_i(input_i)`` (``kind="combination"``, the
+    log-odds of an L2-regularised logistic regression)."""
+
+    kind: SignalKind
+    inputs: tuple[str, ...]
+    transforms: tuple[InputScaling, ...] = ()
+    coef: tuple[float, ...] = ()
+    intercept: float = 0.0
+    l2: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SIGNAL_KINDS:
+            raise ConfigError(f"signal kind must be one of {SIGNAL_KINDS}, got {self.kind!r}")
+        unknown = [n for n in self.inputs if not _is_input_name(n)]
+        if not self.inputs or unknown:
+            raise ConfigError(
+                f"calibration signal uses unknown input(s) {unknown or '(none)'}: it was made "
+                "by another version; re-run `gradtrust calibrate`"
+            )
+        if self.kind == "input" and len(self.inputs) != 1:
+            raise ConfigError("an 'input' signal has exactly one input")
+        if self.kind == "combination" and not (
+            len(self.transforms) == len(self.coef) == len(self.inputs)
+            and all(math.isfinite(v) for v in (*self.coef, self.intercept))
+        ):
+            raise ConfigError(
+                "a combination signal needs one transform and one finite coefficient per input"
+            )
+
+    @property
+    def name(self) -> str:
+        """The input's name, or ``"combination"``."""
+        return self.inputs[0] if self.kind == "input" else "combination"
+
+    @property
+    def needs_features(self) -> bool:
+        return any(input_needs_features(n) for n in self.inputs)
+
+    def __call__(self, inputs: Mapping[str, ArrayLike]) -> Floats:
+        """The signal from ``{input name: (N,) values}``."""
+        if self.kind == "input":
+            return np.asarray(inputs[self.inputs[0]], dtype=np.float64)
+        columns = [t(inputs[n]) for n, t in zip(self.inputs, self.transforms, strict=True)]
+        return self.intercept + np.stack(columns, axis=1) @ np.asarray(self.coef)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": self.kind, "inputs": list(self.inputs)}
+        if self.kind == "combination":
+            data |= {
+                "transforms": [t.to_dict() for t in self.transforms],
+                "coef": list(self.coef),
+                "intercept": self.intercept,
+                "l2": self.l2,
+            }
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Signal:
+        kind = str(data.get("kind"))
+        inputs = tuple(str(n) for n in data.get("inputs", ()))
+        if kind != "combination":
+            return cls(cast(SignalKind, kind), inputs)
+        return cls(
+            "combination",
+            inputs,
+            tuple(InputScaling.from_dict(t) for t in data.get("transforms", ())),
+            _floats(data.get("coef"), "coef"),
+            float(data.get("intercept", math.nan)),
+            float(data.get("l2", 0.0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -124,56 +320,113 @@ class ThresholdTarget:
 
 @dataclass(frozen=True)
 class TrustCalibration:
-    """Isotonic maps score -> P(correct) and the chosen low-trust threshold for ``score``."""
+    """TRUST_PROB = ``map(signal(inputs))``, and the low-trust threshold on TRUST_PROB."""
 
-    maps: Mapping[str, IsotonicMap]
+    signal: Signal
+    map: ProbabilityMap
     low_trust_threshold: float
     target: ThresholdTarget
     achieved_on_calibration: float
-    score: str = "gradtrust"
+    contrast_k: int = 3
     fitted_on: Mapping[str, Any] = field(default_factory=dict)
+    selection: Mapping[str, Any] = field(default_factory=dict)
+    #: A few calibration samples' logits (and features) with the signal inputs computed
+    #: from them at fit time: :meth:`check_probe` recomputes them on load, so a file fitted
+    #: with other score definitions is refused instead of serving a wrong TRUST_PROB.
+    probe: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.score not in self.maps:
-            raise ConfigError(f"calibration has no map for its threshold score {self.score!r}")
-        if not math.isfinite(self.low_trust_threshold):
-            raise ConfigError("calibration low_trust_threshold must be a finite number")
+        if not 0.0 <= self.low_trust_threshold <= 1.0:
+            raise ConfigError(
+                "calibration low_trust_threshold is a TRUST_PROB value and must lie in [0, 1], "
+                f"got {self.low_trust_threshold!r}"
+            )
+        if int(self.contrast_k) < 1:
+            raise ConfigError(f"calibration contrast_k must be >= 1, got {self.contrast_k}")
 
-    def apply(self, gradtrust: ArrayLike) -> Floats:
-        """TRUST_PROB: P(correct) for each value of the threshold score (float64, same shape)."""
-        return self.maps[self.score](gradtrust)
+    @property
+    def needs_features(self) -> bool:
+        """Whether applying it needs the model's penultimate features."""
+        return self.signal.needs_features
+
+    def signal_values(self, logits: ArrayLike, features: ArrayLike | None = None) -> Floats:
+        """The signal of each sample (finite logits and, when needed, features)."""
+        inputs = compute_inputs(logits, self.signal.inputs, features, self.contrast_k)
+        return self.signal(inputs)
+
+    def apply(self, logits: ArrayLike, features: ArrayLike | None = None) -> Floats:
+        """TRUST_PROB of each sample, float64 (N,), strictly inside (0, 1)."""
+        return self.map(self.signal_values(logits, features))
+
+    def check_probe(self) -> None:
+        """Recompute the probe's inputs; raise ConfigError where this package computes them
+        differently from the package that fitted the calibration."""
+        if not self.probe:
+            return
+        try:
+            logits = np.asarray(self.probe["logits"], dtype=np.float64)
+            raw = self.probe.get("features")
+            features = None if raw is None else np.asarray(raw, dtype=np.float64)
+            expected = {n: np.asarray(v, dtype=np.float64) for n, v in self.probe["values"].items()}
+            got = compute_inputs(logits, tuple(expected), features, self.contrast_k)
+        except (KeyError, TypeError, ValueError, InvalidInputError) as exc:
+            raise ConfigError(f"malformed calibration probe ({exc}): re-run calibrate") from exc
+        changed = [
+            n for n in expected if not np.allclose(got[n], expected[n], rtol=1e-7, atol=1e-9)
+        ]
+        if changed:
+            raise ConfigError(
+                f"this package computes the calibration input(s) {changed} differently from the "
+                "one that fitted trust_calibration.json (score definitions changed): re-run "
+                "`gradtrust calibrate` for this entry"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "version": VERSION,
-            "score": self.score,
-            "maps": {name: m.to_dict() for name, m in self.maps.items()},
+            "signal": self.signal.to_dict(),
+            "contrast_k": int(self.contrast_k),
+            "map": self.map.to_dict(),
             "low_trust_threshold": self.low_trust_threshold,
             "target": {"kind": self.target.kind, "value": self.target.value},
             "achieved_on_calibration": self.achieved_on_calibration,
             "fitted_on": dict(self.fitted_on),
+            "selection": dict(self.selection),
+            "probe": dict(self.probe),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrustCalibration:
-        if data.get("format") != FORMAT or data.get("version") != VERSION:
+        version = data.get("version")
+        if data.get("format") != FORMAT or version != VERSION:
+            why = (
+                "version 1 mapped the released-code GradTrust, which is no longer the served "
+                "score, and could say exactly 0 or 1"
+                if data.get("format") == FORMAT and version == 1
+                else f"format={data.get('format')!r}, version={version!r}"
+            )
             raise ConfigError(
-                f"not a {FORMAT} version {VERSION} file (format={data.get('format')!r}, "
-                f"version={data.get('version')!r}): re-run `gradtrust calibrate`"
+                f"not a {FORMAT} version {VERSION} file ({why}): re-run `gradtrust calibrate` "
+                "for this entry"
             )
         try:
-            target = ThresholdTarget(data["target"]["kind"], float(data["target"]["value"]))
-            return cls(
-                maps={name: IsotonicMap.from_dict(m) for name, m in data["maps"].items()},
+            achieved = data.get("achieved_on_calibration")
+            calibration = cls(
+                signal=Signal.from_dict(data["signal"]),
+                map=ProbabilityMap.from_dict(data["map"]),
                 low_trust_threshold=float(data["low_trust_threshold"]),
-                target=target,
-                achieved_on_calibration=float(data.get("achieved_on_calibration", math.nan)),
-                score=str(data.get("score", "gradtrust")),
+                target=ThresholdTarget(data["target"]["kind"], float(data["target"]["value"])),
+                achieved_on_calibration=math.nan if achieved is None else float(achieved),
+                contrast_k=int(data.get("contrast_k", 3)),
                 fitted_on=dict(data.get("fitted_on", {})),
+                selection=dict(data.get("selection", {})),
+                probe=dict(data.get("probe", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"malformed trust calibration ({exc!r}): re-run calibrate") from exc
+        calibration.check_probe()
+        return calibration
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
         """Write the calibration as indented JSON (NaN-free: unknown values become null)."""
@@ -186,8 +439,8 @@ class TrustCalibration:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot read trust calibration {path}: {exc}") from exc
-        if isinstance(data.get("achieved_on_calibration"), type(None)):
-            data["achieved_on_calibration"] = math.nan
+        if not isinstance(data, dict):
+            raise ConfigError(f"trust calibration {path} is not a JSON object: re-run calibrate")
         return cls.from_dict(data)
 
 
@@ -203,6 +456,6 @@ def _nan_to_none(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [_nan_to_none(v) for v in value]
     return value

@@ -7,7 +7,7 @@ baselines, the runner, plots and the CLI) are submodules imported on use.
 
 from gradtrust.core.calibration import (
     FILENAME,
-    IsotonicMap,
+    ProbabilityMap,
     ThresholdTarget,
     TrustCalibration,
     load_model_calibration,
@@ -16,7 +16,8 @@ from gradtrust.tools.evaluate.calibration import (
     HeldOutCheck,
     check_heldout,
     choose_threshold,
-    isotonic_breakpoints,
+    fit_probability_map,
+    fit_trust_calibration,
 )
 from gradtrust.tools.evaluate.metrics import (
     accuracy_curve,
@@ -34,7 +35,7 @@ from gradtrust.tools.evaluate.metrics import (
 __all__ = [
     "FILENAME",
     "HeldOutCheck",
-    "IsotonicMap",
+    "ProbabilityMap",
     "ThresholdTarget",
     "TrustCalibration",
     "accuracy_curve",
@@ -47,7 +48,8 @@ __all__ = [
     "ece",
     "f1_curve",
     "fpr_at_tpr",
-    "isotonic_breakpoints",
+    "fit_probability_map",
+    "fit_trust_calibration",
     "load_model_calibration",
     "misprediction_metrics",
     "ood_metrics",

@@ -1,99 +1,346 @@
-"""Fitting a trust calibration (the file format and applying it live in
-:mod:`gradtrust.core.calibration`, which is all the server needs)."""
+"""Fit a model's TRUST_PROB on labelled data, and judge it honestly on data it never saw.
+
+``gradtrust calibrate`` runs :func:`calibrate`: every input a model offers (the scores of
+:mod:`gradtrust.core.scores` and the gradient features of
+:mod:`gradtrust.core.trust_features`) is a candidate signal as it is, and one more
+candidate combines them all (L2 logistic regression). The calibration data is split by
+source image (so corrupted copies of one digit never sit on both sides): the candidates
+are ranked by AUROC of right vs wrong on the selection part, the winner is refitted on all
+of the calibration data, and its probability map and low-trust threshold are fitted there.
+:func:`assess` then measures every candidate on held-out data (clean and shifted) with
+bootstrap intervals, and :func:`verdict` refuses a signal that ranks errors worse than
+softmax confidence beyond that noise.
+
+Nothing here knows which score names exist: new scores in :mod:`gradtrust.core.scores`
+become candidates without a change here.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from gradtrust.core.calibration import IsotonicMap, TargetKind, ThresholdTarget, TrustCalibration
-from gradtrust.errors import InvalidInputError
-from gradtrust.tools.evaluate.metrics import ece
+from gradtrust.core.calibration import (
+    InputScaling,
+    ProbabilityMap,
+    Signal,
+    TargetKind,
+    ThresholdTarget,
+    TrustCalibration,
+    compute_inputs,
+)
+from gradtrust.errors import GradTrustError, InvalidInputError
+from gradtrust.tools.evaluate import metrics as M
 
 Floats = NDArray[np.float64]
+Bools = NDArray[np.bool_]
+Inputs = Mapping[str, Floats]
 
+COMBINATION = "combination"
+CONFIDENCE = "msp"
+"""The softmax confidence every signal is compared with (served as CONFIDENCE)."""
+MIN_ERRORS = 30
+"""Fewer wrong predictions than this in the calibration data: nothing is fitted. A map,
+a threshold and a choice between signals all rest on the errors; with fewer than about 30
+the AUROC of the choice alone has a standard error above 0.05."""
+SELECTION_FRACTION = 0.3
+MIN_BLOCK = 30
+BLOCK_FRACTION = 0.01
+L2_GRID = (0.01, 0.1, 1.0, 10.0)
+CV_FOLDS = 4
+BOOTSTRAP = 200
 TOLERANCE_SIGMAS = 3.0
-"""Held-out tolerance of a threshold target, in binomial standard errors (see :func:`tolerance`)."""
-
-"""Held-out tolerance of a threshold target, in binomial standard errors (see :func:`tolerance`)."""
 
 
-def isotonic_breakpoints(
-    x: ArrayLike, y: ArrayLike, weights: ArrayLike | None = None
-) -> tuple[Floats, Floats]:
-    """Least-squares non-decreasing fit of y on x (pool-adjacent-violators).
+class CalibrationRefused(GradTrustError):
+    """Calibration would promise something the data does not support; nothing is written."""
 
-    Samples with equal x are pooled first (they must get one value). Returns the
-    breakpoints (xs strictly increasing, ys non-decreasing): each pooled block
-    contributes its lowest and highest x at the block's weighted mean.
+
+# ---- the probability map ----------------------------------------------------------------
+
+
+def _pav(x: Floats, hits: Floats, counts: Floats) -> tuple[list[float], list[float], list[float]]:
+    """Pool-adjacent-violators over x-sorted groups: blocks of (sum x*n, hits, n) whose
+    accuracies strictly increase."""
+    sx: list[float] = []
+    sh: list[float] = []
+    sn: list[float] = []
+    for xi, hi, ni in zip(x * counts, hits, counts, strict=True):
+        sx.append(float(xi))
+        sh.append(float(hi))
+        sn.append(float(ni))
+        while len(sn) > 1 and sh[-2] / sn[-2] >= sh[-1] / sn[-1]:
+            _merge_last(sx, sh, sn)
+    return sx, sh, sn
+
+
+def _merge_last(*stacks: list[float]) -> None:
+    for stack in stacks:
+        top = stack.pop()
+        stack[-1] += top
+
+
+def _smoothed(hits: float, n: float) -> float:
+    return (hits + 1.0) / (n + 2.0)
+
+
+def fit_probability_map(
+    signal: ArrayLike, correct: ArrayLike, min_block: int | None = None
+) -> ProbabilityMap:
+    """Centred isotonic regression of correctness on the signal, with a minimum block size
+    and Laplace smoothing (the reasons are in :class:`ProbabilityMap`).
+
+    Steps: pool equal signal values; pool adjacent violators; merge any block smaller than
+    ``min_block`` (default ``max(30, 1 % of N)``) into the neighbour whose accuracy is
+    closer (merging neighbours keeps the fit monotone); smooth each block's accuracy to
+    ``(right + 1) / (n + 2)`` and pool again wherever smoothing broke the order. One knot
+    per block at its mean signal.
     """
-    xv = np.asarray(x, dtype=np.float64).ravel()
-    yv = np.asarray(y, dtype=np.float64).ravel()
-    wv = np.ones_like(xv) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
-    if not (xv.size == yv.size == wv.size) or xv.size == 0:
-        raise InvalidInputError(
-            f"isotonic fit needs equally long, non-empty x, y and weights; got sizes "
-            f"{xv.size}, {yv.size}, {wv.size}"
-        )
-    if not (np.isfinite(xv).all() and np.isfinite(yv).all() and (wv > 0).all()):
-        raise InvalidInputError("isotonic fit needs finite x and y and positive weights")
-    order = np.argsort(xv, kind="stable")
-    xv, yv, wv = xv[order], yv[order], wv[order]
-    uniq, starts = np.unique(xv, return_index=True)
-    w_sum = np.add.reduceat(wv, starts)
-    wy_sum = np.add.reduceat(wv * yv, starts)
-    # Stack of blocks [mean, weight, lowest x, highest x]; merge while not increasing.
-    blocks: list[list[float]] = []
-    for xi, wi, wyi in zip(uniq, w_sum, wy_sum, strict=True):
-        mean, weight, lo = wyi / wi, float(wi), float(xi)
-        while blocks and blocks[-1][0] >= mean:
-            prev_mean, prev_weight, prev_lo, _ = blocks.pop()
-            mean = (prev_mean * prev_weight + mean * weight) / (prev_weight + weight)
-            weight += prev_weight
-            lo = prev_lo
-        blocks.append([float(mean), weight, lo, float(xi)])
-    xs: list[float] = []
-    ys: list[float] = []
-    for mean, _, lo, hi in blocks:
-        xs.append(lo)
-        ys.append(mean)
-        if hi > lo:
-            xs.append(hi)
-            ys.append(mean)
-    return np.asarray(xs), np.asarray(ys)
+    s = np.asarray(signal, dtype=np.float64).ravel()
+    c = np.asarray(correct).astype(bool).ravel()
+    if s.size == 0 or s.size != c.size or not np.isfinite(s).all():
+        raise InvalidInputError("a probability map needs finite signal values, one per label")
+    m = max(MIN_BLOCK, math.ceil(BLOCK_FRACTION * s.size)) if min_block is None else min_block
+    values, inverse = np.unique(s, return_inverse=True)
+    counts = np.bincount(inverse).astype(np.float64)
+    hits = np.bincount(inverse, weights=c.astype(np.float64))
+    sx, sh, sn = _pav(values.astype(np.float64), hits.astype(np.float64), counts)
+    while len(sn) > 1 and min(sn) < m:
+        i = int(np.argmin(sn))
+        if i == 0:
+            j = 1
+        elif i == len(sn) - 1:
+            j = i - 1
+        else:
+            acc = sh[i] / sn[i]
+            j = i - 1 if acc - sh[i - 1] / sn[i - 1] <= sh[i + 1] / sn[i + 1] - acc else i + 1
+        lo, hi = min(i, j), max(i, j)
+        sx[lo] += sx.pop(hi)
+        sh[lo] += sh.pop(hi)
+        sn[lo] += sn.pop(hi)
+    centres = np.asarray(sx) / np.asarray(sn)
+    sx2, sh2, sn2 = _pav_smoothed(centres, np.asarray(sh), np.asarray(sn))
+    xs = np.asarray(sx2) / np.asarray(sn2)
+    ys = np.asarray([_smoothed(h, n) for h, n in zip(sh2, sn2, strict=True)])
+    return ProbabilityMap(tuple(float(v) for v in xs), tuple(float(v) for v in ys))
 
 
-def fit_isotonic(scores: ArrayLike, correct: ArrayLike) -> IsotonicMap:
-    """Isotonic regression of the 0/1 correctness on the score."""
-    xs, ys = isotonic_breakpoints(scores, np.asarray(correct, dtype=np.float64))
-    return IsotonicMap(tuple(float(v) for v in xs), tuple(float(v) for v in np.clip(ys, 0.0, 1.0)))
+def _pav_smoothed(
+    centres: Floats, hits: Floats, counts: Floats
+) -> tuple[list[float], list[float], list[float]]:
+    """Pool neighbouring blocks while their smoothed accuracies do not increase."""
+    sx: list[float] = []
+    sh: list[float] = []
+    sn: list[float] = []
+    for xi, hi, ni in zip(centres * counts, hits, counts, strict=True):
+        sx.append(float(xi))
+        sh.append(float(hi))
+        sn.append(float(ni))
+        while len(sn) > 1 and _smoothed(sh[-2], sn[-2]) >= _smoothed(sh[-1], sn[-1]):
+            _merge_last(sx, sh, sn)
+    return sx, sh, sn
 
 
-def fit_calibration(
-    scores: Mapping[str, ArrayLike],
-    correct: ArrayLike,
-    target: ThresholdTarget,
-    score: str = "gradtrust",
-    data: str = "",
-) -> TrustCalibration:
-    """Fit one isotonic map per score and the threshold of ``score`` for ``target``."""
-    if score not in scores:
-        raise InvalidInputError(f"cannot calibrate {score!r}: it is not among {list(scores)}")
-    c = np.asarray(correct).astype(bool)
-    maps = {name: fit_isotonic(values, c) for name, values in scores.items()}
-    threshold = choose_threshold(scores[score], c, target)
-    return TrustCalibration(
-        maps=maps,
-        low_trust_threshold=threshold,
-        target=target,
-        achieved_on_calibration=achieved(scores[score], c, threshold, target.kind),
-        score=score,
-        fitted_on={"samples": int(c.size), "wrong": int(np.count_nonzero(~c)), "data": data},
+# ---- the combination ----------------------------------------------------------------------
+
+
+def fit_scaling(values: ArrayLike) -> InputScaling | None:
+    """The :class:`InputScaling` of one input on the calibration data; None for an input
+    that is constant there (it cannot help a combination)."""
+    a = np.arcsinh(np.asarray(values, dtype=np.float64))
+    scale = float(a.std())
+    if not scale > 1e-12 * max(1.0, float(np.abs(a).max())):
+        return None
+    return InputScaling(float(np.median(a)), scale)
+
+
+def fit_logistic(x: Floats, y: Bools, l2: float, iterations: int = 100) -> tuple[Floats, float]:
+    """L2-regularised logistic regression: minimises ``sum_i logloss_i + l2 / 2 ||w||^2``
+    (the intercept is not penalised) by Newton's method with step halving, so it converges
+    even where the classes are nearly separable."""
+    n, d = x.shape
+    design = np.hstack((np.ones((n, 1)), x))
+    target = y.astype(np.float64)
+    rate = float(np.clip(target.mean(), 1e-3, 1 - 1e-3))
+    beta = np.zeros(d + 1)
+    beta[0] = math.log(rate / (1 - rate))
+    penalty = np.full(d + 1, l2)
+    penalty[0] = 0.0
+
+    def objective(b: Floats) -> float:
+        eta = design @ b
+        return float(np.logaddexp(0.0, np.where(y, -eta, eta)).sum() + 0.5 * penalty @ b**2)
+
+    current = objective(beta)
+    for _ in range(iterations):
+        p = _sigmoid(design @ beta)
+        grad = design.T @ (p - target) + penalty * beta
+        hess = (design * (p * (1 - p))[:, None]).T @ design + np.diag(penalty + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        scale = 1.0
+        while scale > 1e-6:
+            trial = objective(beta - scale * step)
+            if trial <= current:
+                break
+            scale /= 2.0
+        if scale <= 1e-6:
+            break
+        beta -= scale * step
+        done = current - trial < 1e-10 * max(1.0, abs(current))
+        current = trial
+        if done:
+            break
+    return beta[1:], float(beta[0])
+
+
+def _sigmoid(eta: Floats) -> Floats:
+    return np.exp(-np.logaddexp(0.0, -eta))
+
+
+def _log_loss(eta: Floats, y: Bools) -> float:
+    # log(1 + exp(-eta)) for right answers, log(1 + exp(eta)) for wrong ones.
+    return float(np.mean(np.logaddexp(0.0, np.where(y, -eta, eta))))
+
+
+def _group_folds(groups: NDArray[np.int64], folds: int, seed: int) -> NDArray[np.int64]:
+    unique = np.unique(groups)
+    fold_of = np.random.default_rng([seed, 7]).permutation(unique.size) % folds
+    return fold_of[np.searchsorted(unique, groups)]
+
+
+def fit_combination(
+    inputs: Inputs, correct: ArrayLike, groups: ArrayLike | None = None, seed: int = 0
+) -> Signal:
+    """The L2 logistic combination of every non-constant input; the penalty is chosen from
+    :data:`L2_GRID` by grouped cross-validated log-loss."""
+    y = np.asarray(correct).astype(bool)
+    g = np.arange(y.size) if groups is None else np.asarray(groups, dtype=np.int64)
+    names: list[str] = []
+    transforms: list[InputScaling] = []
+    for name, values in inputs.items():
+        transform = fit_scaling(values)
+        if transform is not None:
+            names.append(name)
+            transforms.append(transform)
+    if not names:
+        raise CalibrationRefused("every input is constant on the calibration data")
+    x = np.stack([t(inputs[n]) for n, t in zip(names, transforms, strict=True)], axis=1)
+    fold = _group_folds(g, CV_FOLDS, seed)
+    losses = []
+    for l2 in L2_GRID:
+        loss = 0.0
+        for k in range(CV_FOLDS):
+            train, test = fold != k, fold == k
+            if not test.any() or y[train].all() or not y[train].any():
+                continue
+            coef, intercept = fit_logistic(x[train], y[train], l2)
+            loss += _log_loss(intercept + x[test] @ coef, y[test]) * test.sum()
+        losses.append(loss)
+    l2 = L2_GRID[int(np.argmin(losses))]
+    coef, intercept = fit_logistic(x, y, l2)
+    return Signal(
+        "combination",
+        tuple(names),
+        tuple(transforms),
+        tuple(float(v) for v in coef),
+        intercept,
+        l2,
     )
+
+
+# ---- choosing the signal --------------------------------------------------------------------
+
+
+def selection_split(groups: ArrayLike, seed: int) -> Bools:
+    """True for the samples of the selection part: about :data:`SELECTION_FRACTION` of the
+    source images, chosen by seed; every copy of one image falls on the same side."""
+    g = np.asarray(groups, dtype=np.int64)
+    unique = np.unique(g)
+    count = max(1, round(SELECTION_FRACTION * unique.size))
+    picked = np.random.default_rng([seed, 3]).permutation(unique)[:count]
+    return np.isin(g, picked)
+
+
+def candidate_signals(
+    inputs: Inputs, correct: ArrayLike, groups: ArrayLike | None = None, seed: int = 0
+) -> dict[str, Signal]:
+    """Every candidate, fitted on this data: each input as it is, then the combination."""
+    out = {name: Signal("input", (name,)) for name in inputs}
+    out[COMBINATION] = fit_combination(inputs, correct, groups, seed)
+    return out
+
+
+def _auroc(values: Floats, correct: Bools) -> float:
+    return M.auroc(values, correct) if np.isfinite(values).all() else math.nan
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How the signal was chosen: AUROC of every candidate on the selection part."""
+
+    chosen: str
+    auroc: dict[str, float]
+    forced: bool
+    fit_samples: int
+    fit_wrong: int
+    selection_samples: int
+    selection_wrong: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen,
+            "forced": self.forced,
+            "rule": "highest AUROC of right vs wrong on the selection part",
+            "auroc_on_selection_part": self.auroc,
+            "fit_part": {"samples": self.fit_samples, "wrong": self.fit_wrong},
+            "selection_part": {"samples": self.selection_samples, "wrong": self.selection_wrong},
+        }
+
+
+def select_signal(
+    inputs: Inputs,
+    correct: ArrayLike,
+    groups: ArrayLike,
+    seed: int = 0,
+    force: str | None = None,
+) -> Selection:
+    """Rank every candidate on the selection part (the combination fitted on the rest);
+    the highest AUROC wins, a tie going to the earlier candidate (single inputs come
+    before the combination). ``force`` names the signal instead (still ranked)."""
+    y = np.asarray(correct).astype(bool)
+    g = np.asarray(groups, dtype=np.int64)
+    known = (*inputs, COMBINATION)
+    if force is not None and force not in known:
+        raise InvalidInputError(f"unknown signal {force!r}; this model offers: {', '.join(known)}")
+    pick = selection_split(g, seed)
+    fit = ~pick
+    if (~y[fit]).sum() < 2 or (~y[pick]).sum() < 2:
+        raise CalibrationRefused(
+            "too few wrong predictions to split the calibration data for choosing a signal"
+        )
+    fit_inputs = {n: v[fit] for n, v in inputs.items()}
+    combination = fit_combination(fit_inputs, y[fit], g[fit], seed)
+    scores = {n: _auroc(v[pick], y[pick]) for n, v in inputs.items()}
+    scores[COMBINATION] = _auroc(combination({n: v[pick] for n, v in inputs.items()}), y[pick])
+    ranked = [n for n in known if math.isfinite(scores[n])]
+    chosen = force or max(ranked, key=lambda n: (scores[n], -known.index(n)))
+    return Selection(
+        chosen=chosen,
+        auroc=scores,
+        forced=force is not None,
+        fit_samples=int(fit.sum()),
+        fit_wrong=int((~y[fit]).sum()),
+        selection_samples=int(pick.sum()),
+        selection_wrong=int((~y[pick]).sum()),
+    )
+
+
+# ---- thresholds -----------------------------------------------------------------------------
 
 
 def achieved(scores: ArrayLike, correct: ArrayLike, threshold: float, kind: TargetKind) -> float:
@@ -128,7 +375,7 @@ def choose_threshold(scores: ArrayLike, correct: ArrayLike, target: ThresholdTar
     if wrong.size == 0:
         raise InvalidInputError(
             "an error-recall target needs wrong predictions in the calibration data; "
-            "use a flag-rate target or harder calibration data (e.g. --shift-mix)"
+            "use a flag-rate target or harder calibration data (--mix corruptions)"
         )
     need = int(np.ceil(np.round(target.value * wrong.size, 9)))
     last = wrong[need - 1]  # flag every sample <= last
@@ -137,21 +384,200 @@ def choose_threshold(scores: ArrayLike, correct: ArrayLike, target: ThresholdTar
 
 
 def tolerance(target: ThresholdTarget, n_calibration: int, n_heldout: int) -> float:
-    """How far a held-out rate may stray from the target by sampling alone.
-
-    ``3 * sqrt(v (1 - v) (1/n_cal + 1/n_held))``: three binomial standard errors of the
-    difference of two independent estimates of a rate v. For flag_rate the n are sample
-    counts, for error_recall the counts of wrong predictions.
-    """
+    """How far a held-out rate may stray from the target by sampling alone: three binomial
+    standard errors of the difference of two independent estimates of a rate v,
+    ``3 sqrt(v (1 - v) (1/n_cal + 1/n_held))`` (for error_recall the n count errors)."""
     if n_calibration < 1 or n_heldout < 1:
         return math.inf
     v = target.value
     return TOLERANCE_SIGMAS * math.sqrt(v * (1 - v) * (1 / n_calibration + 1 / n_heldout))
 
 
+# ---- the whole fit ----------------------------------------------------------------------------
+
+
+def fit_trust_calibration(
+    inputs: Inputs,
+    correct: ArrayLike,
+    groups: ArrayLike,
+    target: ThresholdTarget,
+    contrast_k: int = 3,
+    seed: int = 0,
+    force: str | None = None,
+    data: str = "",
+    probe: tuple[ArrayLike, ArrayLike | None] | None = None,
+) -> tuple[TrustCalibration, Selection, dict[str, tuple[Signal, ProbabilityMap]]]:
+    """Choose the signal, refit it and every other candidate on all of the calibration data,
+    fit each one's probability map, and the threshold on the chosen TRUST_PROB.
+
+    Returns the calibration, how it was chosen, and every candidate's (signal, map) for
+    :func:`assess`. Raises :class:`CalibrationRefused` with fewer than :data:`MIN_ERRORS`
+    wrong predictions. ``probe``: the logits (and features) of a few samples, stored with
+    the signal's inputs computed from them (see :meth:`TrustCalibration.check_probe`).
+    """
+    y = np.asarray(correct).astype(bool)
+    wrong = int((~y).sum())
+    if wrong < MIN_ERRORS:
+        raise CalibrationRefused(
+            f"only {wrong} wrong predictions among {y.size} calibration samples: TRUST_PROB "
+            f"needs at least {MIN_ERRORS} errors to be fitted and checked. Give more labelled "
+            "data, or harder data: `--mix corruptions` adds the product's corruptions"
+        )
+    selection = select_signal(inputs, y, groups, seed, force)
+    signals = candidate_signals(inputs, y, groups, seed)
+    fitted = {name: (sig, fit_probability_map(sig(inputs), y)) for name, sig in signals.items()}
+    signal, prob_map = fitted[selection.chosen]
+    trust_prob = prob_map(signal(inputs))
+    threshold = choose_threshold(trust_prob, y, target)
+    calibration = TrustCalibration(
+        signal=signal,
+        map=prob_map,
+        low_trust_threshold=threshold,
+        target=target,
+        achieved_on_calibration=achieved(trust_prob, y, threshold, target.kind),
+        contrast_k=contrast_k,
+        fitted_on={"samples": int(y.size), "wrong": wrong, "data": data},
+        selection=selection.to_dict(),
+        probe=_probe(signal, contrast_k, probe),
+    )
+    return calibration, selection, fitted
+
+
+def _probe(
+    signal: Signal, contrast_k: int, samples: tuple[ArrayLike, ArrayLike | None] | None
+) -> dict[str, Any]:
+    if samples is None:
+        return {}
+    logits = np.asarray(samples[0], dtype=np.float64)
+    features = None if samples[1] is None else np.asarray(samples[1], dtype=np.float64)
+    if not signal.needs_features:
+        features = None
+    values = compute_inputs(logits, signal.inputs, features, contrast_k)
+    return {
+        "logits": logits.tolist(),
+        "features": None if features is None else features.tolist(),
+        "values": {n: v.tolist() for n, v in values.items()},
+    }
+
+
+# ---- held-out assessment ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A value and its bootstrap percentile interval."""
+
+    value: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        if not math.isfinite(self.value):
+            return "n/a"
+        return f"{self.value:.4f} [{self.low:.4f}, {self.high:.4f}]"
+
+
+@dataclass
+class Assessment:
+    """Every candidate's AUROC, AURC and ECE on one held-out part, with intervals, and each
+    candidate's AUROC minus softmax confidence's (paired bootstrap)."""
+
+    part: str
+    samples: int
+    wrong: int
+    accuracy: float
+    rows: dict[str, dict[str, Interval]] = field(default_factory=dict)
+    auroc_gain: dict[str, Interval] = field(default_factory=dict)
+    signals: dict[str, Floats] = field(default_factory=dict)
+    probabilities: dict[str, Floats] = field(default_factory=dict)
+    correct: Bools = field(default_factory=lambda: np.zeros(0, bool))
+
+
+RAW_CONFIDENCE = "CONFIDENCE (softmax, as served)"
+
+
+def _metrics(signal: Floats, prob: Floats, correct: Bools) -> tuple[float, float, float]:
+    both = correct.any() and not correct.all()
+    return (
+        M.auroc(signal, correct) if both else math.nan,
+        M.aurc(signal, correct),
+        M.ece(prob, correct),
+    )
+
+
+def assess(
+    part: str,
+    fitted: Mapping[str, tuple[Signal, ProbabilityMap]],
+    inputs: Inputs,
+    correct: ArrayLike,
+    groups: ArrayLike | None = None,
+    resamples: int = BOOTSTRAP,
+    seed: int = 0,
+) -> Assessment:
+    """Measure every candidate on held-out data: AUROC (right vs wrong, of the signal),
+    AURC (of the signal) and ECE (of its probability map); the served softmax confidence
+    as a row of its own. Intervals: 2.5 and 97.5 percentiles of ``resamples`` bootstrap
+    draws of whole source images (a corrupted copy is drawn with its image)."""
+    y = np.asarray(correct).astype(bool)
+    g = np.arange(y.size) if groups is None else np.asarray(groups, dtype=np.int64)
+    signals = {name: sig(inputs) for name, (sig, _) in fitted.items()}
+    probs = {name: fitted[name][1](signals[name]) for name in fitted}
+    signals[RAW_CONFIDENCE] = np.asarray(inputs[CONFIDENCE], dtype=np.float64)
+    probs[RAW_CONFIDENCE] = signals[RAW_CONFIDENCE]
+    point = {n: _metrics(signals[n], probs[n], y) for n in signals}
+    draws: dict[str, list[tuple[float, float, float]]] = {n: [] for n in signals}
+    unique, index = np.unique(g, return_inverse=True)
+    rng = np.random.default_rng([seed, 5])
+    for _ in range(resamples):
+        counts = np.bincount(rng.integers(0, unique.size, unique.size), minlength=unique.size)
+        take = np.repeat(np.arange(y.size), counts[index])
+        for n in signals:
+            draws[n].append(_metrics(signals[n][take], probs[n][take], y[take]))
+    result = Assessment(part, int(y.size), int((~y).sum()), float(y.mean()))
+    base = np.asarray([d[0] for d in draws[RAW_CONFIDENCE]])
+    for n in signals:
+        values = np.asarray(draws[n])
+        row = {}
+        for j, metric in enumerate(("auroc", "aurc", "ece")):
+            row[metric] = _interval(point[n][j], values[:, j])
+        result.rows[n] = row
+        if n != RAW_CONFIDENCE:
+            result.auroc_gain[n] = _interval(
+                point[n][0] - point[RAW_CONFIDENCE][0], values[:, 0] - base
+            )
+    result.signals, result.probabilities, result.correct = signals, probs, y
+    return result
+
+
+def _interval(value: float, draws: Floats) -> Interval:
+    finite = draws[np.isfinite(draws)]
+    if not math.isfinite(value) or finite.size < 10:
+        return Interval(value, math.nan, math.nan)
+    low, high = np.percentile(finite, [2.5, 97.5])
+    return Interval(float(value), float(low), float(high))
+
+
+def verdict(chosen: str, assessments: Sequence[Assessment]) -> list[str]:
+    """Why the chosen signal must be refused (empty: accepted): on any held-out part, the
+    bootstrap interval of its AUROC minus softmax confidence's lies entirely below 0."""
+    problems = []
+    for a in assessments:
+        gain = a.auroc_gain.get(chosen)
+        if gain is not None and math.isfinite(gain.high) and gain.high < 0.0:
+            problems.append(
+                f"on {a.part} held-out data ({a.samples} samples, {a.wrong} wrong) the chosen "
+                f"signal {chosen!r} ranks errors worse than softmax confidence: AUROC "
+                f"difference {gain.value:+.3f}, 95 % interval [{gain.low:+.3f}, {gain.high:+.3f}]"
+            )
+    return problems
+
+
+# ---- the target and ECE on held-out data (what a served round trip asserts) ---------------
+
+
 @dataclass(frozen=True)
 class HeldOutCheck:
-    """A calibration judged on data it was not fitted on (what the round-trip test asserts)."""
+    """A calibration judged on data it was not fitted on."""
 
     ece_trust_prob: float
     ece_confidence: float
@@ -161,7 +587,8 @@ class HeldOutCheck:
 
     @property
     def ece_improved(self) -> bool:
-        return self.ece_trust_prob < self.ece_confidence
+        """TRUST_PROB's ECE is no worse than the served softmax confidence's."""
+        return self.ece_trust_prob <= self.ece_confidence
 
     @property
     def target_met(self) -> bool:
@@ -177,19 +604,14 @@ class HeldOutCheck:
 
 def check_heldout(
     calibration: TrustCalibration,
-    gradtrust: ArrayLike,
+    trust_prob: ArrayLike,
     confidence: ArrayLike,
     correct: ArrayLike,
-    trust_prob: ArrayLike | None = None,
 ) -> HeldOutCheck:
-    """Judge ``calibration`` on held-out samples.
-
-    Pass the served ``TRUST_PROB`` as ``trust_prob`` to check the server; without it the
-    map is applied here. ``confidence`` is the softmax confidence (MSP) it must beat.
-    """
-    g = np.asarray(gradtrust, dtype=np.float64).ravel()
+    """Judge ``calibration`` on held-out samples from their TRUST_PROB (served, or
+    :meth:`TrustCalibration.apply` here) and softmax confidence."""
+    prob = np.asarray(trust_prob, dtype=np.float64).ravel()
     c = np.asarray(correct).astype(bool).ravel()
-    prob = calibration.apply(g) if trust_prob is None else np.asarray(trust_prob).ravel()
     target = calibration.target
     fitted = calibration.fitted_on
     if target.kind == "flag_rate":
@@ -197,9 +619,9 @@ def check_heldout(
     else:
         n_cal, n_held = int(fitted.get("wrong", 0)), int(np.count_nonzero(~c))
     return HeldOutCheck(
-        ece_trust_prob=ece(prob, c),
-        ece_confidence=ece(np.asarray(confidence, dtype=np.float64).ravel(), c),
-        achieved=achieved(g, c, calibration.low_trust_threshold, target.kind),
+        ece_trust_prob=M.ece(prob, c),
+        ece_confidence=M.ece(np.asarray(confidence, dtype=np.float64).ravel(), c),
+        achieved=achieved(prob, c, calibration.low_trust_threshold, target.kind),
         target=target,
         tolerance=tolerance(target, n_cal, n_held),
     )

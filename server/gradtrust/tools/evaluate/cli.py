@@ -17,9 +17,11 @@ import numpy as np
 
 from gradtrust.core.calibration import ThresholdTarget
 from gradtrust.errors import ConfigError
-from gradtrust.tools.evaluate.calibration import check_heldout, fit_calibration
 from gradtrust.tools.evaluate.runner import LabelledData, Plan, demo_data, npz_data
 from gradtrust.tools.evaluate.shifts import CORRUPTIONS, SEVERITIES
+
+PROBE_SAMPLES = 3
+"""Calibration samples stored in the file to detect changed score definitions on load."""
 
 
 def _entry(args: argparse.Namespace) -> Path:
@@ -30,10 +32,27 @@ def _onnx(args: argparse.Namespace) -> Path:
     return Path(args.onnx) if args.onnx else _entry(args) / "1" / "model.onnx"
 
 
-def _data(args: argparse.Namespace) -> LabelledData:
+def _data(
+    args: argparse.Namespace, input_shape: Any = None, dtype: str = "float32"
+) -> LabelledData:
+    """The demo splits, an .npz, or a folder of class sub-folders (read through the entry's
+    own preprocessing, split per class into calibration and held-out parts)."""
     # The demo split is always the model's training split (seed 0); --seed only varies
     # the corruption noise, the sweep subset and the random OOD crops.
-    return demo_data() if args.data == "demo" else npz_data(args.data)
+    if args.data == "demo":
+        return demo_data()
+    if Path(args.data).is_dir():
+        from gradtrust.tools.evaluate.folder import folder_data
+
+        if input_shape is None:
+            from gradtrust.serving.classifier import OnnxClassifier
+
+            classifier = OnnxClassifier(_onnx(args), intra_op_threads=1)
+            input_shape, dtype = classifier.input_shape, np.dtype(classifier.input_dtype).name
+        return folder_data(
+            args.data, _entry(args), input_shape, dtype, args.heldout_fraction, args.seed
+        )
+    return npz_data(args.data)
 
 
 def _names(text: str, known: Sequence[str], what: str) -> tuple[str, ...]:
@@ -62,8 +81,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         default="demo",
-        help="'demo' (the demo's MNIST test and calibration splits) or an .npz with arrays "
-        "images, labels, calibration_images, calibration_labels",
+        help="'demo' (the demo's MNIST test and calibration splits); a folder with one "
+        "sub-folder of PNG/JPEG files per class, named as in the entry's labels.txt (read "
+        "through the entry's preprocessing, split per class into calibration and held-out "
+        "parts, see --heldout-fraction); or an .npz with arrays images, labels, "
+        "calibration_images, calibration_labels (network input as it is)",
+    )
+    parser.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.4,
+        help="share of a --data folder held out from fitting, per class (default 0.4)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of corruptions, sweep subset and OOD crops"
@@ -91,7 +119,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from gradtrust.tools.evaluate.ood import OOD_BUILDERS
     from gradtrust.tools.evaluate.roundtrip import evaluate_round_trips
     from gradtrust.tools.evaluate.runner import run_evaluation
-    from gradtrust.tools.evaluate.scoring import InProcessScorer, Scorer, ServerScorer
+    from gradtrust.tools.evaluate.scoring import (
+        InProcessScorer,
+        PreprocessingScorer,
+        Scorer,
+        ServerScorer,
+    )
 
     plan = Plan(
         seed=args.seed,
@@ -106,17 +139,21 @@ def _evaluate(args: argparse.Namespace) -> int:
         scorer = ServerScorer(args.server, args.model, args.protocol)
     else:
         in_process = InProcessScorer(_onnx(args), _torch_model(args), intra_op_threads=args.threads)
-        gap = in_process.check_twin(data.test_images[:256])
-        if in_process.torch_model is not None:
-            print(f"torch twin matches the ONNX model (max logit gap {gap:.2g})", flush=True)
+        if data.to_input is None:
+            gap = in_process.check_twin(data.test_images[:256])
+            if in_process.torch_model is not None:
+                print(f"torch twin matches the ONNX model (max logit gap {gap:.2g})", flush=True)
         scorer = in_process
+    if data.to_input is not None:
+        scorer = PreprocessingScorer(scorer, data.to_input)
     try:
         evaluation = run_evaluation(scorer, data, plan)
         if not args.no_round_trip:
             evaluation.round_trips = evaluate_round_trips(scorer, data, evaluation, plan)
     finally:
-        if isinstance(scorer, ServerScorer):
-            scorer.close()
+        inner = scorer.inner if isinstance(scorer, PreprocessingScorer) else scorer
+        if isinstance(inner, ServerScorer):
+            inner.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(evaluation, out / "results.csv")
@@ -134,44 +171,169 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_all(scorer: Any, images: np.ndarray, desc: str, chunk: int = 2000) -> Any:
+    """Score ``images`` in chunks under a progress bar; one merged :class:`Scored`."""
+    from tqdm import tqdm
+
+    from gradtrust.tools.evaluate.scoring import Scored
+
+    parts = []
+    with tqdm(total=len(images), desc=desc, unit="img") as bar:
+        for start in range(0, len(images), chunk):
+            parts.append(scorer.score(images[start : start + chunk], served_only=True))
+            bar.update(min(chunk, len(images) - start))
+
+    def joined(values: list[Any]) -> Any:
+        return None if values[0] is None else np.concatenate(values)
+
+    return Scored(
+        np.concatenate([p.pred for p in parts]),
+        {n: np.concatenate([p.scores[n] for p in parts]) for n in parts[0].scores},
+        joined([p.logits for p in parts]),
+        joined([p.features for p in parts]),
+    )
+
+
 def _calibrate(args: argparse.Namespace) -> int:
+    from gradtrust.tools.evaluate import calibration_report
+    from gradtrust.tools.evaluate.calibration import (
+        CalibrationRefused,
+        assess,
+        check_heldout,
+        fit_trust_calibration,
+        verdict,
+    )
     from gradtrust.tools.evaluate.repository import write_calibration
     from gradtrust.tools.evaluate.roundtrip import calibration_set
-    from gradtrust.tools.evaluate.scoring import InProcessScorer
+    from gradtrust.tools.evaluate.runner import stratified_subset
+    from gradtrust.tools.evaluate.scoring import InProcessScorer, PreprocessingScorer, Scorer
 
     target = ThresholdTarget.parse(args.target)
-    data = _data(args)
-    scorer = InProcessScorer(_onnx(args), intra_op_threads=args.threads)
-    images, labels = calibration_set(data, args.mix, args.seed)
-    scored = scorer.score(images)
+    entry = _entry(args)
+    in_process = InProcessScorer(
+        _onnx(args), intra_op_threads=args.threads, contrast_k=args.contrast_k
+    )
+    classifier = in_process.classifier
+    data = _data(args, classifier.input_shape, np.dtype(classifier.input_dtype).name)
+    scorer: Scorer = in_process
+    if data.to_input is not None:
+        scorer = PreprocessingScorer(in_process, data.to_input)
+    grey = data.calibration_images.ndim == 4 and data.calibration_images.shape[1] == 1
+    if args.mix == "corruptions" and not grey:
+        raise ConfigError(
+            "--mix corruptions needs grayscale images (the product's corruptions are made for "
+            f"one channel); these have shape {data.calibration_images.shape[1:]}: use --mix clean"
+        )
+    images, labels, groups = calibration_set(data, args.mix, args.seed)
+    scored = _score_all(scorer, images, "calibration data")
     correct = scored.correct(labels)
-    calibration = fit_calibration(
-        scored.scores,
-        correct,
-        target,
-        data=f"{data.name}; calibration split, mix={args.mix}, seed={args.seed}",
-    )
+    inputs = scored.calibration_inputs(args.contrast_k)
     print(
-        f"fitted on {correct.size} samples ({np.count_nonzero(~correct)} wrong): "
-        f"low_trust_threshold = {calibration.low_trust_threshold:.6g} to {target} "
-        f"(achieved {100 * calibration.achieved_on_calibration:.1f} % on calibration)"
+        f"calibration data: {correct.size} samples from {len(data.calibration_labels)} images "
+        f"(mix={args.mix}), {np.count_nonzero(~correct)} wrong; {len(inputs)} candidate inputs"
     )
-    held_images, held_labels = calibration_set(data, args.mix, args.seed, split="test")
-    held = scorer.score(held_images)
+    try:
+        calibration, selection, fitted = fit_trust_calibration(
+            inputs,
+            correct,
+            groups,
+            target,
+            contrast_k=args.contrast_k,
+            seed=args.seed,
+            force=args.signal,
+            data=f"{data.name}; calibration part, mix={args.mix}, seed={args.seed}",
+            probe=(
+                scored.logits[:PROBE_SAMPLES],
+                None if scored.features is None else scored.features[:PROBE_SAMPLES],
+            ),
+        )
+    except CalibrationRefused as err:
+        print(f"gradtrust calibrate: refused: {err}", file=sys.stderr)
+        return 2
+    ranked = sorted(selection.auroc.items(), key=lambda kv: -kv[1])[:5]
+    print(
+        f"signal: {calibration.signal.name} "
+        + ("(forced) " if selection.forced else "")
+        + "; AUROC on the selection part: "
+        + ", ".join(f"{n} {v:.3f}" for n, v in ranked)
+    )
+    parts = []
+    held: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] = [
+        ("clean", data.test_images, data.test_labels, None)
+    ]
+    if grey:
+        subset = stratified_subset(data.test_labels, args.shifted_per_class, args.seed)
+        shifted, shifted_labels, shifted_groups = calibration_set(
+            LabelledData("", data.test_images[subset], data.test_labels[subset],
+                         data.test_images[:0], data.test_labels[:0]),
+            "corruptions", args.seed, split="test",
+        )  # fmt: skip
+        keep = shifted_groups >= 0
+        keep[: subset.size] = False  # the clean copies are the clean part already
+        held.append(("shifted", shifted[keep], shifted_labels[keep], shifted_groups[keep]))
+    else:
+        print("shifted held-out data: skipped (the corruptions need grayscale images)")
+    for part, x, y, g in held:
+        held_scored = _score_all(scorer, x, f"held-out {part}")
+        parts.append(
+            assess(
+                part,
+                fitted,
+                held_scored.calibration_inputs(args.contrast_k),
+                held_scored.correct(y),
+                g,
+                resamples=args.bootstrap,
+                seed=args.seed,
+            )
+        )
+    problems = verdict(calibration.signal.name, parts)
+    for a in parts:
+        gain = a.auroc_gain[calibration.signal.name]
+        row = a.rows[calibration.signal.name]
+        soft = a.rows[calibration_report.RAW_CONFIDENCE]
+        print(
+            f"held-out {a.part} ({a.samples} samples, {a.wrong} wrong): AUROC "
+            f"{row['auroc']} vs softmax {soft['auroc']}; "
+            f"difference {gain.value:+.3f} [{gain.low:+.3f}, {gain.high:+.3f}]; ECE TRUST_PROB "
+            f"{row['ece'].value:.4f} vs softmax {soft['ece'].value:.4f}"
+        )
+    clean = parts[0]
     check = check_heldout(
-        calibration, held.scores["gradtrust"], held.scores["msp"], held.correct(held_labels)
+        calibration,
+        clean.probabilities[calibration.signal.name],
+        clean.probabilities[calibration_report.RAW_CONFIDENCE],
+        clean.correct,
     )
     print(
-        f"held-out ({held_images.shape[0]} samples): ECE of TRUST_PROB {check.ece_trust_prob:.4f} "
-        f"vs raw softmax {check.ece_confidence:.4f}; achieved {100 * check.achieved:.1f} % "
-        f"(target {100 * target.value:g} % +- {100 * check.tolerance:.1f} %): "
-        + ("OK" if check.passed else "NOT MET")
+        f"low_trust_threshold (on TRUST_PROB) = {calibration.low_trust_threshold:.4g} to {target}: "
+        f"{100 * calibration.achieved_on_calibration:.1f} % on calibration data, "
+        f"{100 * check.achieved:.1f} % on clean held-out (+-{100 * check.tolerance:.1f} %)"
     )
+    written = not problems and not args.dry_run
+    out = Path(args.out) if args.out else entry
+    command = (
+        f"gradtrust calibrate --model-repository {args.model_repository} --model {args.model} "
+        f"--data {args.data} --mix {args.mix} --target {args.target} --seed {args.seed}"
+        + (f" --signal {args.signal}" if args.signal else "")
+    )
+    reports = calibration_report.write_report(
+        out, args.model, calibration, selection, parts, problems, command, written
+    )
+    print(f"wrote {', '.join(str(p) for p in reports)}")
+    if problems:
+        for problem in problems:
+            print(f"gradtrust calibrate: refused: {problem}", file=sys.stderr)
+        print(
+            "nothing was written to the entry: this model's TRUST_PROB would rank errors worse "
+            "than its softmax confidence. Try more (or harder, --mix corruptions) labelled data",
+            file=sys.stderr,
+        )
+        return 1
     if args.dry_run:
-        print("dry run: nothing written")
+        print("dry run: trust_calibration.json not written")
         return 0
-    json_path, config_path = write_calibration(_entry(args), calibration)
-    print(f"wrote {json_path} and set {config_path} low_trust_threshold")
+    path = write_calibration(entry, calibration)
+    print(f"wrote {path}: the server serves TRUST_PROB after the model is reloaded")
     return 0 if check.passed or not args.strict else 1
 
 
@@ -200,10 +362,15 @@ def register(subparsers: Any) -> None:
 
     cal = subparsers.add_parser(
         "calibrate",
-        help="fit GradTrust -> P(correct) and the low-trust threshold into a model entry",
-        description="Fit isotonic maps score -> P(correct) on the calibration split, choose "
-        "the low-trust threshold for a target, check both on held-out data, and write "
-        "trust_calibration.json plus config.pbtxt's low_trust_threshold.",
+        help="fit TRUST_PROB (calibrated P(correct)) and its low-trust threshold into an entry",
+        description="Score labelled data with the entry's model, choose the signal that ranks "
+        "its errors best on a held-out selection part (any score or gradient feature, or an "
+        "L2 logistic combination of them), fit a smoothed isotonic map signal -> P(correct) "
+        "and the low-trust threshold for a target, measure every candidate on held-out clean "
+        "and shifted data with bootstrap intervals, write a report, and write "
+        "trust_calibration.json into the entry. Exits 1 (writing nothing to the entry) when "
+        "the chosen signal ranks errors worse than softmax confidence beyond the noise, 2 "
+        "when the data has too few errors to fit.",
     )
     _common(cal)
     cal.add_argument(
@@ -215,11 +382,32 @@ def register(subparsers: Any) -> None:
         "--mix",
         default="clean",
         choices=("clean", "corruptions"),
-        help="calibrate on the split as is, or plus every corruption x severity copy",
+        help="fit on the calibration images as they are, or also on every corruption x "
+        "severity copy of them (the product's corruptions: calibration then covers shift)",
     )
+    cal.add_argument(
+        "--signal",
+        help="use this candidate (a score, a gradient feature or 'combination') instead of "
+        "the best one; it is still checked against softmax confidence",
+    )
+    cal.add_argument("--contrast-k", type=int, default=3, help="counterfactual classes (k)")
+    cal.add_argument(
+        "--shifted-per-class",
+        type=int,
+        default=50,
+        help="held-out images per class whose corrupted copies form the shifted check",
+    )
+    cal.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples")
+    cal.add_argument("--out", help="folder for the report (default: the entry folder)")
     cal.add_argument("--threads", type=int, default=2)
-    cal.add_argument("--dry-run", action="store_true", help="fit and check, write nothing")
-    cal.add_argument("--strict", action="store_true", help="exit 1 if the held-out check fails")
+    cal.add_argument(
+        "--dry-run", action="store_true", help="fit, check and report; write no calibration"
+    )
+    cal.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 if TRUST_PROB's held-out ECE is worse than softmax's or the target is missed",
+    )
     cal.set_defaults(func=_calibrate)
 
 

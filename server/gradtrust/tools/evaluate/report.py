@@ -32,7 +32,7 @@ TITLES = {
     "aurc": "AURC",
     "auroc": "AUROC",
     "fpr95": "FPR@95TPR",
-    "ece": "ECE (isotonic)",
+    "ece": "ECE (smoothed isotonic)",
     "ece_raw": "ECE (raw)",
     "ood_auroc": "AUROC",
     "ood_fpr95": "FPR@95TPR",
@@ -57,14 +57,21 @@ def _csv_value(value: Any) -> Any:
 
 def _round_trips(evaluation: Evaluation) -> str:
     lines = [
-        "| fitted on (wrong / samples) | judged on (samples) | target | threshold | achieved "
-        "(fit) | achieved (held-out) | tolerance | met | ECE TRUST_PROB | ECE softmax |",
-        "|---|---|---|---:|---:|---:|---:|:---:|---:|---:|",
+        "| fitted on (wrong / samples) | judged on (samples) | target | signal | threshold "
+        "(TRUST_PROB) | achieved (fit) | achieved (held-out) | tolerance | met | "
+        "ECE TRUST_PROB | ECE softmax |",
+        "|---|---|---|---|---:|---:|---:|---:|:---:|---:|---:|",
     ]
     for r in evaluation.round_trips:
-        lines.append(
+        head = (
             f"| {r['fit_on']} ({r['fit_wrong']} / {r['fit_samples']}) | {r['checked_on']} "
-            f"({r['heldout_samples']}) | {r['target']} | {r['threshold']:.3f} | "
+            f"({r['heldout_samples']}) | {r['target']} |"
+        )
+        if "refused" in r:
+            lines.append(f"{head} refused: {r['refused']} | | | | | | | |")
+            continue
+        lines.append(
+            f"{head} {r['signal']} | {r['threshold']:.3f} | "
             f"{100 * r['achieved_fit']:.1f} % | {100 * r['achieved_heldout']:.1f} % | "
             f"+-{100 * r['tolerance']:.1f} % | {'yes' if r['target_met'] else '**no**'} | "
             f"{_bold_if(r['ece_trust_prob'], r['ece_softmax'])} | "
@@ -229,7 +236,8 @@ def markdown(evaluation: Evaluation, image_dir: str = "img/evaluation") -> str:
     if ev.round_trips:
         sections.append(
             (
-                "Calibration round trip (isotonic GradTrust -> TRUST_PROB, low-trust threshold)",
+                "Calibration round trip (calibrate's fit: chosen signal -> TRUST_PROB, "
+                "low-trust threshold on it)",
                 _round_trips(ev),
             )
         )

@@ -1,4 +1,4 @@
-"""Write a calibration into a Triton model-repository entry without disturbing the rest.
+"""Read and write the parts of a Triton model-repository entry that calibration touches.
 
 ``config.pbtxt`` is protobuf text that people edit and comment by hand, so it is edited
 as text: only the value of one parameter changes, every other byte stays as it was.
@@ -82,21 +82,35 @@ def set_config_parameter(text: str, key: str, value: str) -> str:
     return f"{text}{tail}\nparameters [\n  {entry}\n]\n"
 
 
-def write_calibration(
-    entry: str | os.PathLike[str], calibration: TrustCalibration
-) -> tuple[Path, Path]:
-    """Write ``trust_calibration.json`` into the model entry and set ``low_trust_threshold``
-    in its config.pbtxt. Returns both paths."""
+_ANY_PARAMETER = re.compile(
+    r'\bkey\s*:\s*"((?:[^"\\]|\\.)*)"\s*,?\s*value\s*:?\s*\{\s*string_value\s*:\s*"((?:[^"\\]|\\.)*)"'
+)
+
+
+def read_config_parameters(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``parameters`` of an entry's config.pbtxt as ``{key: string value}`` (read as
+    text, like :func:`set_config_parameter` writes it; comments are ignored)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file} not found: pass a model entry made by `gradtrust prepare`")
+    lines = file.read_text(encoding="utf-8").splitlines()
+    text = "\n".join(line.split("#", 1)[0] for line in lines)
+    return {m.group(1): m.group(2) for m in _ANY_PARAMETER.finditer(text)}
+
+
+def write_calibration(entry: str | os.PathLike[str], calibration: TrustCalibration) -> Path:
+    """Write ``trust_calibration.json`` into the model entry; returns its path.
+
+    config.pbtxt is left alone: its ``low_trust_threshold`` is the GRADTRUST threshold of
+    an uncalibrated entry, while a calibrated entry counts low trust on TRUST_PROB against
+    the threshold inside the calibration file.
+    """
     folder = Path(entry)
-    config = folder / CONFIG
-    if not config.is_file():
+    if not (folder / CONFIG).is_file():
         raise ConfigError(
-            f"{config} not found: pass the model's entry folder, e.g. "
+            f"{folder / CONFIG} not found: pass the model's entry folder, e.g. "
             "model_repository/gradtrust_mnist"
         )
-    text = config.read_text(encoding="utf-8")
-    updated = set_config_parameter(text, THRESHOLD_KEY, repr(calibration.low_trust_threshold))
     target = folder / FILENAME
     calibration.to_json(target)
-    config.write_text(updated, encoding="utf-8")
-    return target, config
+    return target

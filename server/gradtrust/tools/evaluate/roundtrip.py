@@ -16,7 +16,11 @@ from tqdm import tqdm
 
 from gradtrust.core.calibration import ThresholdTarget
 from gradtrust.errors import InvalidInputError
-from gradtrust.tools.evaluate.calibration import check_heldout, fit_calibration
+from gradtrust.tools.evaluate.calibration import (
+    CalibrationRefused,
+    check_heldout,
+    fit_trust_calibration,
+)
 from gradtrust.tools.evaluate.runner import Evaluation, LabelledData, Plan, demo_data
 from gradtrust.tools.evaluate.scoring import Scorer
 from gradtrust.tools.evaluate.shifts import CORRUPTIONS, SEVERITIES, with_corruptions
@@ -33,9 +37,10 @@ def calibration_set(
     split: str = "calibration",
     corruptions: tuple[str, ...] = tuple(CORRUPTIONS),
     severities: tuple[int, ...] = SEVERITIES,
-) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.int64]]:
     """The images calibrate fits on (``split="calibration"``) or is judged on ("test"): as
-    they are (``mix="clean"``) or followed by every corruption x severity copy.
+    they are (``mix="clean"``) or followed by every corruption x severity copy; with their
+    labels and the index of each one's source image (copies share it).
 
     Held-out copies use corruption seed ``seed + 1``, so no noise draw is shared.
     """
@@ -45,37 +50,53 @@ def calibration_set(
         images, labels = data.calibration_images, data.calibration_labels
     else:
         images, labels = data.test_images, data.test_labels
+    source = np.arange(len(labels), dtype=np.int64)
     if mix == "clean":
-        return images, labels
+        return images, labels, source
     corruption_seed = seed if split == "calibration" else seed + 1
-    return with_corruptions(images, labels, corruption_seed, corruptions, severities)
+    mixed, mixed_labels = with_corruptions(images, labels, corruption_seed, corruptions, severities)
+    return mixed, mixed_labels, np.tile(source, len(mixed_labels) // max(1, len(labels)))
 
 
 def heldout_set(mix: str = "clean", seed: int = 0) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """The demo's held-out images and labels for judging a calibration made by
     ``gradtrust calibrate --mix MIX --seed SEED`` (the demo's test split)."""
-    return calibration_set(demo_data(), mix, seed, split="test")
+    images, labels, _ = calibration_set(demo_data(), mix, seed, split="test")
+    return images, labels
 
 
 def round_trip_row(
     fit_on: str,
     checked_on: str,
-    cal_scores: dict[str, NDArray[np.float64]],
-    cal_correct: NDArray[np.bool_],
-    held_scores: dict[str, NDArray[np.float64]],
-    held_correct: NDArray[np.bool_],
+    fit: tuple[dict[str, NDArray[np.float64]], NDArray[np.bool_], NDArray[np.int64]],
+    held: tuple[dict[str, NDArray[np.float64]], NDArray[np.bool_]],
     target: ThresholdTarget,
+    contrast_k: int = 3,
 ) -> dict[str, Any]:
-    """Fit on one set, check on another: the numbers the evaluation reports."""
-    calibration = fit_calibration(cal_scores, cal_correct, target)
-    check = check_heldout(calibration, held_scores["gradtrust"], held_scores["msp"], held_correct)
-    return {
+    """Fit TRUST_PROB on one set (inputs, correctness, source image of each sample), check
+    it on another: the numbers the evaluation reports."""
+    cal_inputs, cal_correct, cal_groups = fit
+    held_inputs, held_correct = held
+    row: dict[str, Any] = {
         "fit_on": fit_on,
         "checked_on": checked_on,
         "fit_samples": int(cal_correct.size),
         "fit_wrong": int(np.count_nonzero(~cal_correct)),
         "heldout_samples": int(held_correct.size),
         "target": str(target),
+    }
+    try:
+        calibration, _, _ = fit_trust_calibration(
+            cal_inputs, cal_correct, cal_groups, target, contrast_k
+        )
+    except CalibrationRefused as err:
+        return row | {"refused": str(err)}
+    check = check_heldout(
+        calibration, calibration.map(calibration.signal(held_inputs)), held_inputs["msp"],
+        held_correct,
+    )  # fmt: skip
+    return row | {
+        "signal": calibration.signal.name,
         "threshold": calibration.low_trust_threshold,
         "achieved_fit": calibration.achieved_on_calibration,
         "achieved_heldout": check.achieved,
@@ -92,9 +113,9 @@ def shifted_calibration(
     seed: int,
     corruptions: tuple[str, ...],
     severities: tuple[int, ...],
-) -> tuple[dict[str, NDArray[np.float64]], NDArray[np.bool_]]:
-    """Served scores and correctness of every corruption x severity copy of the calibration
-    split (no clean copy), corruption seed ``seed + 1``."""
+) -> tuple[dict[str, NDArray[np.float64]], NDArray[np.bool_], NDArray[np.int64]]:
+    """Calibration inputs, correctness and source image of every corruption x severity
+    copy of the calibration split (no clean copy), corruption seed ``seed + 1``."""
     parts: list[dict[str, NDArray[np.float64]]] = []
     correct: list[NDArray[np.bool_]] = []
     for name in tqdm(corruptions, desc="calibration mix", unit="corruption"):
@@ -107,10 +128,15 @@ def shifted_calibration(
             include_clean=False,
         )
         scored = scorer.score(images, served_only=True)
-        parts.append(scored.scores)
+        parts.append(scored.calibration_inputs())
         correct.append(scored.correct(labels))
     names = parts[0].keys() if parts else ()
-    return {n: np.concatenate([p[n] for p in parts]) for n in names}, np.concatenate(correct)
+    groups = np.tile(np.arange(len(data.calibration_labels)), len(parts) * len(severities))
+    return (
+        {n: np.concatenate([p[n] for p in parts]) for n in names},
+        np.concatenate(correct),
+        groups.astype(np.int64),
+    )
 
 
 def evaluate_round_trips(
@@ -118,32 +144,30 @@ def evaluate_round_trips(
 ) -> list[dict[str, Any]]:
     """Round trips for every target in :data:`TARGETS`: fitted on the clean calibration split
     and judged on the clean test split; and, when the plan has corruptions, fitted on every
-    corruption x severity copy of the calibration split and judged on the sweeps."""
-    rows = []
+    corruption x severity copy of the calibration split and judged on the sweeps. Needs
+    the logits (an in-process scorer); through a server there are none."""
+    rows: list[dict[str, Any]] = []
     cal, cal_ok = evaluation.scored["calibration"]
     clean, clean_ok = evaluation.scored["clean"]
+    if cal.logits is None:
+        return rows
+    cal_fit = (cal.calibration_inputs(), cal_ok, np.arange(cal_ok.size, dtype=np.int64))
     for target in TARGETS:
         rows.append(
             round_trip_row(
                 "calibration split, clean",
                 "test split, clean",
-                cal.scores,
-                cal_ok,
-                clean.scores,
-                clean_ok,
+                cal_fit,
+                (clean.calibration_inputs(), clean_ok),
                 target,
             )
         )
     sweep_keys = [k for k in evaluation.scored if "@" in k]
     if not sweep_keys:
         return rows
-    fit_scores, fit_ok = shifted_calibration(
-        scorer, data, plan.seed, plan.corruptions, plan.severities
-    )
-    held_scores = {
-        n: np.concatenate([evaluation.scored[k][0].scores[n] for k in sweep_keys])
-        for n in ("gradtrust", "msp")
-    }
+    shifted_fit = shifted_calibration(scorer, data, plan.seed, plan.corruptions, plan.severities)
+    held_parts = [evaluation.scored[k][0].calibration_inputs() for k in sweep_keys]
+    held_inputs = {n: np.concatenate([p[n] for p in held_parts]) for n in held_parts[0]}
     held_ok = np.concatenate([evaluation.scored[k][1] for k in sweep_keys])
     for target in TARGETS:
         rows.append(
@@ -151,10 +175,8 @@ def evaluate_round_trips(
                 f"calibration split x {len(plan.corruptions)} corruptions x "
                 f"{len(plan.severities)} severities",
                 "test sweeps (same corruptions)",
-                fit_scores,
-                fit_ok,
-                held_scores,
-                held_ok,
+                shifted_fit,
+                (held_inputs, held_ok),
                 target,
             )
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,10 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from gradtrust.core.calibration import IsotonicMap
+from gradtrust.core.calibration import ProbabilityMap
 from gradtrust.errors import ConfigError
 from gradtrust.tools.evaluate import metrics as M
-from gradtrust.tools.evaluate.calibration import fit_isotonic
+from gradtrust.tools.evaluate.calibration import fit_probability_map
 from gradtrust.tools.evaluate.ood import load_sets
 from gradtrust.tools.evaluate.scoring import Scored, Scorer
 from gradtrust.tools.evaluate.shifts import CORRUPTIONS, SEVERITIES, corrupt
@@ -32,13 +32,20 @@ LOWER_IS_BETTER = frozenset({"aurc", "fpr95", "ece", "ece_raw", "ood_fpr95"})
 
 @dataclass(frozen=True)
 class LabelledData:
-    """A labelled test set and a disjoint labelled calibration set, images in model range."""
+    """A labelled test set and a disjoint labelled calibration set.
+
+    Images are the network input as they are (``to_input`` None: the demo and .npz data,
+    pixels in [0, 1]), or pixels in [0, 1] that ``to_input`` turns into the network input
+    (an image folder, through the entry's preprocessing). Corruptions apply to the images
+    as stored, before ``to_input``.
+    """
 
     name: str
     test_images: Images
     test_labels: NDArray[np.int64]
     calibration_images: Images
     calibration_labels: NDArray[np.int64]
+    to_input: Callable[[Images], NDArray[np.floating]] | None = None
 
 
 def demo_data(split_seed: int = 0) -> LabelledData:
@@ -114,7 +121,7 @@ def _misprediction_rows(
     severity: int | None,
     scored: Scored,
     labels: NDArray[np.int64],
-    maps: dict[str, IsotonicMap],
+    maps: dict[str, ProbabilityMap],
 ) -> list[dict[str, Any]]:
     correct = scored.correct(labels)
     rows = []
@@ -153,7 +160,7 @@ def run_evaluation(scorer: Scorer, data: LabelledData, plan: Plan = Plan()) -> E
             )
     jobs += [("set", name, None, s.images, s.labels) for name, s in sets.items()]
 
-    maps: dict[str, IsotonicMap] = {}
+    maps: dict[str, ProbabilityMap] = {}
     clean: Scored | None = None
     with tqdm(total=sum(len(job[3]) for job in jobs), unit="img", desc="evaluate") as bar:
         for setting, shift, severity, images, labels in jobs:
@@ -165,7 +172,7 @@ def run_evaluation(scorer: Scorer, data: LabelledData, plan: Plan = Plan()) -> E
             if setting == "calibration":
                 ok = scored.correct(data.calibration_labels)
                 result.scored["calibration"] = (scored, ok)
-                maps = {m: fit_isotonic(v, ok) for m, v in scored.scores.items()}
+                maps = {m: fit_probability_map(v, ok) for m, v in scored.scores.items()}
                 continue
             key = shift if severity is None else f"{shift}@{severity}"
             if labels is not None:

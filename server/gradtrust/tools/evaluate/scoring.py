@@ -12,6 +12,7 @@ scores the server returns, in float32).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 from torch import nn
 
+from gradtrust.core.calibration import compute_inputs, input_names
 from gradtrust.core.scores import SCORE_NAMES, compute_scores
 from gradtrust.errors import ConfigError, InvalidInputError
 from gradtrust.serving.classifier import OnnxClassifier
@@ -32,10 +34,23 @@ METHODS: tuple[str, ...] = (*SCORE_NAMES, *TORCH_SCORE_NAMES)
 
 @dataclass(frozen=True)
 class Scored:
-    """Predictions (N,) and ``{method: (N,) float64}`` for one image set."""
+    """Predictions (N,) and ``{method: (N,) float64}`` for one image set; in process also
+    the logits and penultimate features, which calibration inputs are computed from."""
 
     pred: NDArray[np.int64]
     scores: dict[str, Floats]
+    logits: Floats | None = None
+    features: Floats | None = None
+
+    def calibration_inputs(self, contrast_k: int = 3) -> dict[str, Floats]:
+        """Every input a calibration signal may use (:func:`gradtrust.core.calibration.
+        input_names`), computed from the logits exactly as the server computes them."""
+        if self.logits is None:
+            raise ConfigError(
+                "calibration inputs need the model's logits: score in process, not through a server"
+            )
+        names = input_names(self.logits.shape[1], contrast_k, self.features is not None)
+        return compute_inputs(self.logits, names, self.features, contrast_k)
 
     def correct(self, labels: NDArray[np.integer]) -> NDArray[np.bool_]:
         labels = np.asarray(labels)
@@ -57,6 +72,25 @@ class Scorer(Protocol):
     def score(self, images: NDArray[np.floating], served_only: bool = False) -> Scored:
         """Score a batch; ``served_only`` skips what a server cannot compute (torch scores)."""
         ...
+
+
+class PreprocessingScorer:
+    """A scorer that first turns stored images into the network input (an image folder's
+    pixels through the entry's preprocessing: :class:`LabelledData`'s ``to_input``)."""
+
+    def __init__(
+        self, inner: Scorer, to_input: Callable[[NDArray[np.floating]], NDArray[np.floating]]
+    ) -> None:
+        self.inner = inner
+        self.to_input = to_input
+        self.unavailable = inner.unavailable
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return self.inner.methods
+
+    def score(self, images: NDArray[np.floating], served_only: bool = False) -> Scored:
+        return self.inner.score(self.to_input(images), served_only)
 
 
 class InProcessScorer:
@@ -102,7 +136,9 @@ class InProcessScorer:
         if self.torch_model is not None and not served_only:
             extra, _ = torch_scores(self.torch_model, np.asarray(images))
             scores.update(extra)
-        return Scored(np.argmax(logits, axis=1).astype(np.int64), scores)
+        z = logits.astype(np.float64)
+        h = None if features is None else features.astype(np.float64)
+        return Scored(np.argmax(logits, axis=1).astype(np.int64), scores, z, h)
 
     def check_twin(self, images: NDArray[np.floating], atol: float = 1e-3) -> float:
         """Refuse a torch twin whose logits differ from the ONNX model's (returns the max gap)."""
