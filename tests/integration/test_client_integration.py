@@ -26,7 +26,10 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.integration
 
 PROTOCOLS = ("http", "grpc")
-DEMO_SCORES = ("contrast_trust", "msp", "entropy", "margin", "max_logit", "energy", "gradnorm")
+DEMO_SCORES = (
+    "contrast_trust", "msp", "entropy", "margin", "max_logit", "energy", "gradnorm",
+    "gradtrust_released",
+)  # fmt: skip
 EXAMPLE_DIGITS = sorted((ROOT / "examples" / "digits").glob("*.png"))
 
 

@@ -36,17 +36,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = start_server(args.model_repository, ports=ports, log_path=log, exit_timeout_s=5)
     try:
         with TrustClient(server.grpc_url, protocol="grpc", model=args.model) as client:
-            predictions = client.predict(paths, scores=["contrast_trust"])
+            predictions = client.predict(paths, scores=["gradtrust_released"])
         print(
             f"\n{'file':<28} {'true':>4} {'label':>5} {'confidence':>10} {'gradtrust':>9} "
-            f"{'contrast':>9}"
+            f"{'released':>9}"
         )
         for path, pred in zip(paths, predictions, strict=True):
             truth = path.stem.rsplit("_", 1)[-1]
-            contrast = pred.scores["contrast_trust"] if pred.scores else float("nan")
+            released = pred.scores["gradtrust_released"] if pred.scores else float("nan")
             print(
                 f"{path.name:<28} {truth:>4} {pred.label:>5} {pred.confidence:>10.4f} "
-                f"{pred.gradtrust:>9.3f} {contrast:>9.3g}"
+                f"{pred.gradtrust:>9.3f} {released:>9.3f}"
             )
         print(
             f"\nserved by tritonserver at {server.grpc_url} (gRPC); metrics at {server.metrics_url}"
