@@ -1,6 +1,7 @@
 """In-process cost of trust: the forward pass alone, the closed-form scores, and autograd.
 
-For each model (the demo CNN, C = 10; a ResNet-18-sized CNN, C = 1000) and batch size:
+For each model (the demo CNN, C = 10; a ResNet-18-sized and a MobileNetV2-sized CNN, both
+C = 1000 with a 7 x 7 activation at 224 x 224) and batch size:
 
 - ``forward``: onnxruntime, logits only (what a plain classifier server runs);
 - ``scores``: every closed-form score of :mod:`gradtrust.core.scores` (all eight, gradnorm
@@ -10,6 +11,11 @@ For each model (the demo CNN, C = 10; a ResNet-18-sized CNN, C = 1000) and batch
   (input checks, float64 copies, scores, output arrays) for N requests of one image each,
   as Triton's dynamic batcher hands them over, with the forward pass itself replaced by
   its cached result;
+- ``heatmaps``: :func:`gradtrust.core.heatmaps.explain` for gradcam, contrast and VOICE
+  (and VOICE at the activation's resolution) on that forward pass's outputs with the
+  model's prepared head, and the service answering N one-image requests that each ask for
+  one of them; "× plain" estimates the in-process throughput of such requests relative to
+  the forward pass alone, forward / (forward + service);
 - ``forward+scores``: both together, interleaved with ``forward`` (an end-to-end check; its
   ratio is only as precise as the machine is quiet);
 - the autograd way, one sample at a time as the authors' released code does it: a
@@ -34,11 +40,11 @@ import torch
 
 from bench import _common as common
 from bench.autograd import bench_autograd
-from bench.models import ModelSpec, demo_cnn, resnet18_like
-from gradtrust.core import scores
+from bench.models import ModelSpec, demo_cnn, mobilenet_like, resnet18_like
+from gradtrust.core import heatmaps, scores
 from gradtrust.errors import ConfigError
 from gradtrust.serving.classifier import OnnxClassifier
-from gradtrust.serving.contract import FEATURES, LOGITS
+from gradtrust.serving.contract import ACTIVATION, FEATURES, LOGITS
 from gradtrust.serving.service import ScoringRequest, TrustService
 from gradtrust.serving.settings import ModelSettings, RequestOptions
 
@@ -46,6 +52,8 @@ log = logging.getLogger("bench.inprocess")
 Forward = Callable[[np.ndarray, list[str]], dict[str, np.ndarray]]
 STAT = "min_s"
 _PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+#: The heatmap methods timed (counterfactual costs what gradcam costs).
+HEAT_METHODS = ("gradcam", "contrast", "voice")
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,7 @@ def bench_batch(
     rng: np.random.Generator,
 ) -> dict[str, Any]:
     images = rng.random((batch, *spec.input_shape), dtype=np.float32)
-    net = forward(images, [LOGITS, FEATURES])  # also the warm-up
+    net = forward(images, [LOGITS, FEATURES, ACTIVATION])  # also the warm-up
     logits, features = net[LOGITS], net[FEATURES]
     names = list(scores.SCORE_NAMES)
 
@@ -151,27 +159,62 @@ def bench_batch(
         timings["service_all_scores"] = common.summary(
             common.measure(lambda: service.run(one_each), **micro)
         )
+        if service.head is not None:
+            timings.update(_heatmap_timings(service, images, net, micro))
     row["timings"] = timings
     # Ratios use each timing's minimum: on a shared machine the other processes only ever
     # add time, so the minimum is the most repeatable estimate of each cost (medians are
     # kept in "timings").
     fwd = timings["forward"][STAT]
     row["forward_per_sample_s"] = fwd / batch
-    for key in ("scores", "gradtrust", "service_gradtrust", "service_all_scores"):
-        if key in timings:
+    for key in timings:
+        if key.startswith(("scores", "gradtrust", "service_", "heat_")):
             row[f"{key}_per_sample_s"] = timings[key][STAT] / batch
             row[f"{key}_pct_of_forward"] = 100.0 * timings[key][STAT] / fwd
+        if key.startswith("service_"):
+            row[f"{key}_x_plain"] = fwd / (fwd + timings[key][STAT])
     row["forward_scores_pct_over_forward"] = 100.0 * (timings["forward_scores"][STAT] / fwd - 1.0)
     return row
 
 
-def _options(service: TrustService, all_scores: bool) -> RequestOptions:
+def _options(service: TrustService, all_scores: bool, method: str | None = None) -> RequestOptions:
     return RequestOptions(
         scores=service.settings.scores if all_scores else None,
         contrast_k=service.settings.contrast_k,
-        heatmap_method=None,
+        heatmap_method=method,
         contrast_class=None,
     )
+
+
+def _heatmap_timings(
+    service: TrustService,
+    images: np.ndarray,
+    net: dict[str, np.ndarray],
+    micro: dict[str, Any],
+) -> dict[str, dict[str, float]]:
+    """explain() on the whole batch per method, and the service answering one-image
+    requests that each ask for a HEATMAP (outputs: the defaults plus HEATMAP)."""
+    head = service.head
+    size = (int(images.shape[2]), int(images.shape[3]))
+    activation, logits = net[ACTIVATION], net[LOGITS]
+    found: dict[str, dict[str, float]] = {}
+    for method in HEAT_METHODS:
+        found[f"heat_{method}"] = common.summary(
+            common.measure(
+                lambda m=method: heatmaps.explain(m, activation, head, logits, size), **micro
+            )
+        )
+        requests = [
+            ScoringRequest(images[i : i + 1], _options(service, False, method))
+            for i in range(len(images))
+        ]
+        found[f"service_{method}"] = common.summary(
+            common.measure(lambda r=requests: service.run(r), **micro)
+        )
+    found["heat_voice_activation"] = common.summary(
+        common.measure(lambda: heatmaps.explain("voice", activation, head, logits, None), **micro)
+    )
+    return found
 
 
 def bench_model(
@@ -262,11 +305,32 @@ def gpu_available() -> tuple[bool, str]:
 
 def targets(run: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's in-process targets, on the C = 1000 model, with the numbers they rest on."""
+    found: list[dict[str, Any]] = []
+    for big in (m for m in run["models"] if m["num_classes"] == 1000):
+        for row in big["batches"]:
+            for key, limit in (
+                ("service_gradtrust", 0.97),
+                ("service_gradcam", 0.8),
+                ("service_contrast", 0.8),
+                ("service_voice", 0.5),
+            ):
+                ratio = row.get(f"{key}_x_plain")
+                if ratio is None:
+                    continue
+                found.append(
+                    {
+                        "target": (
+                            f"{big['model']} batch {row['batch']}: in-process throughput of "
+                            f"{key.removeprefix('service_')} requests >= {limit:g}x plain"
+                        ),
+                        "measured": {"x_plain": round(ratio, 3)},
+                        "met": ratio >= limit,
+                    }
+                )
     model = next((m for m in run["models"] if m["num_classes"] == 1000), None)
     if model is None:
-        return []
+        return found
     rows = {r["batch"]: r for r in model["batches"]}
-    found: list[dict[str, Any]] = []
     for batch, limit in ((1, 3.0), (64, 1.0)):
         row = rows.get(batch)
         text = f"closed-form scores add <= {limit:g}% to the forward time at batch {batch}"
@@ -319,6 +383,40 @@ COLUMNS = [
 ]
 
 
+HEAT_COLUMNS = [
+    ("batch", "batch"),
+    ("forward_ms", "forward ms/sample"),
+    ("gradcam_us", "gradcam µs/sample"),
+    ("contrast_us", "contrast µs/sample"),
+    ("voice_us", "VOICE µs/sample"),
+    ("voice_act_us", "VOICE at activation res. µs/sample"),
+    ("x_gradtrust", "GRADTRUST req. × plain"),
+    ("x_gradcam", "gradcam req. × plain"),
+    ("x_contrast", "contrast req. × plain"),
+    ("x_voice", "VOICE req. × plain"),
+]
+
+
+def _heat_rows(model: dict[str, Any]) -> list[dict[str, Any]]:
+    nan = float("nan")
+    return [
+        {
+            "batch": r["batch"],
+            "forward_ms": 1e3 * r["forward_per_sample_s"],
+            "gradcam_us": 1e6 * r.get("heat_gradcam_per_sample_s", nan),
+            "contrast_us": 1e6 * r.get("heat_contrast_per_sample_s", nan),
+            "voice_us": 1e6 * r.get("heat_voice_per_sample_s", nan),
+            "voice_act_us": 1e6 * r.get("heat_voice_activation_per_sample_s", nan),
+            "x_gradtrust": r.get("service_gradtrust_x_plain", nan),
+            "x_gradcam": r.get("service_gradcam_x_plain", nan),
+            "x_contrast": r.get("service_contrast_x_plain", nan),
+            "x_voice": r.get("service_voice_x_plain", nan),
+        }
+        for r in model["batches"]
+        if "heat_gradcam_per_sample_s" in r
+    ]
+
+
 def markdown(run: dict[str, Any]) -> str:
     parts = [
         f"### In-process, {run['device']}\n",
@@ -354,6 +452,15 @@ def markdown(run: dict[str, Any]) -> str:
             for r in model["batches"]
         ]
         parts.append(common.markdown_table(rows, COLUMNS) + "\n")
+        heat = _heat_rows(model)
+        if heat:
+            parts.append(
+                f"Heatmaps, {model['model']}: `explain()` per sample on the batch's forward "
+                "outputs (maps at the input's size unless noted), and N one-image requests "
+                "through TrustService; `× plain` = forward / (forward + service time), the "
+                "in-process throughput relative to the forward pass alone.\n"
+            )
+            parts.append(common.markdown_table(heat, HEAT_COLUMNS) + "\n")
     if run.get("targets"):
         parts.append("Targets (C = 1000 model):\n")
         for t in run["targets"]:
@@ -386,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny configuration (seconds)")
     parser.add_argument("--gpu", choices=("auto", "off", "only"), default="auto")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
-    parser.add_argument("--models", default="demo,resnet18")
+    parser.add_argument("--models", default="demo,resnet18,mobilenet")
     parser.add_argument("--batches", default="", help="comma list; default 1,8,64,256")
     parser.add_argument("--image-size", type=int, default=0, help="ResNet input (224; quick 32)")
     parser.add_argument("--tag", default="", help="suffix for the result file names")
@@ -397,7 +504,11 @@ def main(argv: list[str] | None = None) -> int:
         budget = Budget(tuple(common.parse_ints(args.batches)), *list(budget.__dict__.values())[1:])
     size = args.image_size or (32 if args.quick else 224)
     wanted = common.parse_names(args.models)
-    makers = {"demo": demo_cnn, "resnet18": lambda: resnet18_like(size)}
+    makers = {
+        "demo": demo_cnn,
+        "resnet18": lambda: resnet18_like(size),
+        "mobilenet": lambda: mobilenet_like(size),
+    }
     specs = [makers[name]() for name in wanted]
     suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     info = common.machine()

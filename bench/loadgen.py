@@ -40,6 +40,13 @@ VARIANTS: dict[str, Variant] = {
         Variant("gradtrust", CHEAP),
         Variant("scores", (*CHEAP, "SCORES")),
         Variant("heatmap", (*CHEAP, "HEATMAP"), {"heatmap_method": "gradcam"}),
+        Variant("contrast", (*CHEAP, "HEATMAP"), {"heatmap_method": "contrast"}),
+        Variant("voice", (*CHEAP, "HEATMAP", "HEATMAP_STATS"), {"heatmap_method": "voice"}),
+        Variant(
+            "voice_act",
+            (*CHEAP, "HEATMAP", "HEATMAP_STATS"),
+            {"heatmap_method": "voice", "heatmap_size": "activation"},
+        ),
     )
 }
 

@@ -1,11 +1,15 @@
-"""The networks the benchmarks time: the trained demo CNN and a ResNet-18-sized CNN.
+"""The networks the benchmarks time: the trained demo CNN, a ResNet-18-sized CNN and a
+MobileNetV2-sized CNN.
 
-The larger network exists so that the forward pass costs what a real image classifier
-costs (11.7 M parameters, about 1.8 GFLOP per 224 x 224 image); its weights are random
-because only time is measured. It follows the serving convention of
-:mod:`gradtrust.serving.classifier`: outputs ``logits`` (N, C), ``features`` (N, 512) and
-``activation`` (N, 512, h, w), the last ReLU activation feeding global average pooling.
-Its ONNX export is cached on disk, keyed by everything that changes the bytes.
+The larger networks exist so that the forward pass costs what a real image classifier
+costs: ResNet-18's layout (11.7 M parameters, about 1.8 GFLOP per 224 x 224 image, a
+512 x 7 x 7 activation) and MobileNetV2's (3.5 M parameters, about 0.3 GFLOP, a
+1280 x 7 x 7 activation: a forward pass of a few milliseconds, where fixed per-request
+costs show). Both have C = 1000 and random weights, because only time is measured. They
+follow the serving convention of :mod:`gradtrust.serving.classifier`: outputs ``logits``
+(N, C), ``features`` (N, K) and ``activation`` (N, K, h, w), the last activation feeding
+global average pooling. ONNX exports are cached on disk, keyed by everything that changes
+the bytes.
 """
 
 from __future__ import annotations
@@ -89,6 +93,79 @@ class ResNet18Like(nn.Module):
         return self.forward_all(x)[0]
 
 
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion, 3x3 depthwise, 1x1 linear projection."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return x + out if self.residual else out
+
+
+class MobileNetV2Like(nn.Module):
+    """MobileNetV2's layout (width 1.0): inverted residual stages, a 1280-channel 1x1 conv,
+    global average pooling, a linear head."""
+
+    #: (expansion, channels, blocks, first stride) per stage, as in the MobileNetV2 paper.
+    STAGES = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU6(),
+        ]
+        cin = 32
+        for expand, cout, blocks, stride in self.STAGES:
+            for i in range(blocks):
+                layers.append(_InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                cin = cout
+        layers += [nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(1280, num_classes)
+        # He initialisation by fan-in (a depthwise kernel's fan-in is its 9 taps), so that the
+        # signal neither vanishes nor explodes through 52 layers whose BatchNorms are the
+        # identity (random weights, default running statistics).
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        activation = self.body(x)
+        features = activation.mean(dim=(2, 3))
+        return self.head(features), features, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(x)[0]
+
+
 class _AllOutputs(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -135,6 +212,21 @@ def resnet18_like(image_size: int = 224, num_classes: int = 1000, seed: int = 0)
     if not path.is_file():
         export_onnx(model, shape, path)
     return ModelSpec("resnet18", path, model, shape, num_classes)
+
+
+def mobilenet_like(image_size: int = 224, num_classes: int = 1000, seed: int = 0) -> ModelSpec:
+    """The MobileNetV2-sized benchmark model with seeded random weights; exports on first use."""
+    torch.manual_seed(seed)
+    model = MobileNetV2Like(num_classes).eval()
+    shape = (3, image_size, image_size)
+    key = (
+        f"mobilenetv2like-heinit-{image_size}-{num_classes}-{seed}-{torch.__version__}-opset{OPSET}"
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    path = cache_dir() / f"mobilenetv2like_{image_size}px_{num_classes}c_{digest}.onnx"
+    if not path.is_file():
+        export_onnx(model, shape, path)
+    return ModelSpec("mobilenet", path, model, shape, num_classes)
 
 
 def demo_cnn() -> ModelSpec:

@@ -43,13 +43,20 @@ def test_bench_inprocess_times_every_model_and_batch_when_run_quick(tmp_path: Pa
     proc = _run_quick("bench.inprocess", tmp_path)
     data = _load(tmp_path, "inprocess_quick")
     assert data["device"] == "cpu"
-    assert [m["num_classes"] for m in data["models"]] == [10, 1000]
+    assert [(m["model"], m["num_classes"]) for m in data["models"]] == [
+        ("demo", 10),
+        ("resnet18", 1000),
+        ("mobilenet", 1000),
+    ]
     for model in data["models"]:
         assert [r["batch"] for r in model["batches"]] == [1, 8]
         for row in model["batches"]:
             assert row["forward_per_sample_s"] > 0
             assert row["scores_per_sample_s"] > 0
             assert row["service_all_scores_per_sample_s"] > 0
+            for method in ("gradcam", "contrast", "voice"):
+                assert row[f"heat_{method}_per_sample_s"] > 0
+                assert 0 < row[f"service_{method}_x_plain"] <= 1
         autograd = model["autograd"]
         assert autograd["head_per_sample_s"] > 0 and autograd["full_per_sample_s"] > 0
         # The autograd baseline computes the same score as the closed form (float32 noise).
@@ -64,8 +71,9 @@ def test_bench_serving_answers_every_cell_without_errors_when_run_quick(tmp_path
     _run_quick("bench.serving", tmp_path, "--profile", str(tmp_path / "profiles"))
     data = _load(tmp_path, "serving_quick")
     cells = data["cells"]
-    variants = {"plain", "class_id", "gradtrust", "scores", "heatmap"}
-    for model in ("demo", "resnet18"):
+    variants = {"plain", "class_id", "gradtrust", "scores", "heatmap", "contrast", "voice"}
+    variants.add("voice_act")
+    for model in ("demo", "resnet18", "mobilenet"):
         for protocol in ("http", "grpc"):
             got = {c["variant"] for c in cells if (c["model"], c["protocol"]) == (model, protocol)}
             assert got == variants

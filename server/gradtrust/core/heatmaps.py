@@ -335,7 +335,7 @@ def _normalized_low_res(relu: Floats, rows: _Axis, cols: _Axis) -> Floats:
     r = rows.matrix[rows.extremes]  # (er, h)
     c = cols.matrix[cols.extremes]  # (ec, w)
     at_cols = (relu.reshape(-1, w) @ c.T).reshape(n * m, h, -1)  # (nm, h, ec)
-    values = np.matmul(r, at_cols)  # (nm, er, ec)
+    values = np.matmul(r, at_cols)  # (nm, er, ec): faster here than one reshaped 2-D product
     low = values.min(axis=(-2, -1)).reshape(n, m, 1, 1)
     span = values.max(axis=(-2, -1)).reshape(n, m, 1, 1) - low
     return _normalize(relu, low, span, (span <= 0) | _constant(relu))
