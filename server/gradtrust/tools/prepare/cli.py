@@ -182,6 +182,14 @@ def run(args: argparse.Namespace) -> int:
         for note in prepared.notes:
             print(f"note: {note}")
     print(
+        f"{args.name} is uncalibrated: it serves no TRUST_PROB, and low trust is judged on raw "
+        "GRADTRUST. Calibrate it on labelled images (one sub-folder per class, named as in "
+        "labels.txt):\n"
+        f"  gradtrust calibrate --model-repository {args.repository} --model {args.name} "
+        "--data FOLDER\n"
+        "  (add --mix corruptions for a grayscale model, so that calibration also covers shift)"
+    )
+    print(
         "next:\n"
         f"  gradtrust serve --model-repository {args.repository}\n"
         f"  gradtrust-client predict --model {args.name} IMAGE.png"
