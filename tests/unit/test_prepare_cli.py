@@ -63,6 +63,17 @@ def test_prepare_writes_a_complete_entry_when_given_an_onnx_classifier(tmp_path,
     assert OnnxClassifier(repo / "gap" / "1" / "model.onnx").has_activation
 
 
+def test_prepare_says_the_entry_is_uncalibrated_and_how_to_calibrate_when_written(
+    tmp_path, zoo_files, capsys
+):
+    repo = tmp_path / "repo"
+    assert prepare("--onnx", zoo_files["gap_cnn"][1], "--name", "gap", "--repository", repo) == 0
+    out = capsys.readouterr().out
+    assert "gap is uncalibrated" in out
+    assert f"gradtrust calibrate --model-repository {repo} --model gap --data FOLDER" in out
+    assert not (repo / "gap" / "trust_calibration.json").exists()
+
+
 def test_prepare_config_declares_inputs_from_the_graph_when_written(tmp_path, zoo_files):
     repo = tmp_path / "repo"
     prepare("--onnx", zoo_files["softmax_cnn"][1], "--name", "rgb", "--repository", repo)
