@@ -191,10 +191,14 @@ def read_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[Path]]:
 # ---------------------------------------------------------------------------- training
 
 
-def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float) -> nn.Module:
-    """Plain cross-entropy, Adam, batch 64, seeded, one thread (deterministic)."""
+def _train(
+    factory: Callable[[], nn.Module], x: np.ndarray, y: np.ndarray, epochs: int, lr: float
+) -> nn.Module:
+    """Plain cross-entropy, Adam, batch 64; seeded before the weights are initialised, one
+    thread, so a rerun gives the same model."""
     torch.manual_seed(SEED)
     torch.set_num_threads(1)
+    model = factory()
     gen = torch.Generator().manual_seed(SEED)
     images = torch.from_numpy(x.astype(np.float32) / 255.0)
     labels = torch.from_numpy(y)
@@ -243,7 +247,7 @@ def build(out: Path) -> None:
         factory, source, epochs, lr = _RECIPES[name]
         splits = data[source]
         start = time.perf_counter()
-        model = _train(factory(), *splits["train"], epochs=epochs, lr=lr)
+        model = _train(factory, *splits["train"], epochs=epochs, lr=lr)
         side = splits["train"][0].shape[-1]
         _export(model, side, out / "onnx" / f"{name}.onnx")
         folders = out / "data" / name
