@@ -191,7 +191,9 @@ def _address(hex_address: str) -> str:
     """``/proc/net/tcp``'s hex address (little-endian 32-bit words) as text."""
     raw = bytes.fromhex(hex_address)
     words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    return str(ipaddress.ip_address(words))
+    address = ipaddress.ip_address(words)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as gRPC binds
+    return str(mapped or address)
 
 
 def listening_sockets(pid: int) -> list[tuple[str, int]]:

@@ -8,6 +8,7 @@ imports ``triton_python_backend_utils``, which exists only inside Triton's Pytho
 from __future__ import annotations
 
 import json
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,44 @@ from gradtrust.serving.service import (
 )
 from gradtrust.serving.settings import ModelSettings, RequestOptions, parse_request
 from gradtrust.serving.telemetry import TrustMetrics
+
+
+#: Seconds between two log lines about invalid requests (or about one kind of bug): a
+#: client repeating a bad request must not flood the log (6 MB in 10 s was observed).
+LOG_INTERVAL_S = 60.0
+
+
+class LogThrottle:
+    """At most one log line per ``interval_s`` for each kind of event; the events in
+    between are counted and reported with the next line."""
+
+    def __init__(self, interval_s: float = LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, kind: str, count: int = 1, now: float | None = None) -> int | None:
+        """``count`` events of ``kind`` now: None means stay quiet (they are counted);
+        a number means log now, mentioning that many events held back since last time."""
+        now = time.monotonic() if now is None else now
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval_s:
+            self._held[kind] = self._held.get(kind, 0) + count
+            return None
+        self._last[kind] = now
+        return self._held.pop(kind, 0)
+
+
+def _parameters_text(request: Any) -> Any:
+    """The request's parameters as Triton hands them over (JSON text). The stub decodes
+    them as UTF-8; bytes that are not UTF-8 are the client's mistake, not a bug."""
+    try:
+        return request.parameters()
+    except UnicodeDecodeError as err:
+        raise InvalidInputError(
+            f"request parameters are not valid UTF-8 (byte {err.start} of them cannot be "
+            "decoded): send parameter names and values as UTF-8 text"
+        ) from None
 
 
 class _InternalError(Exception):
@@ -106,6 +145,7 @@ class TritonPythonModel:
         }
         self.all_outputs = frozenset(self.output_dtypes)
         self.plain_options: dict[tuple[bool, bool], RequestOptions] = {}
+        self.log_throttle = LogThrottle()
         self.metrics: TrustMetrics | None = TrustMetrics(
             pb_utils,
             model=self.model_name,
@@ -130,7 +170,7 @@ class TritonPythonModel:
                 "`gradtrust calibrate` on a labelled calibration set, then reload the model"
             )
         options = self._options(
-            request.parameters(),
+            _parameters_text(request),
             want_scores=SCORES in requested,
             want_heatmap=named and not requested.isdisjoint((HEATMAP, HEATMAP_STATS)),
         )
@@ -202,9 +242,24 @@ class TritonPythonModel:
         return result
 
     def _log_bug(self, what: str, err: Exception) -> None:
+        held = self.log_throttle.allow(f"bug:{type(err).__name__}")
+        if held is None:
+            return
+        again = f" ({held} more since the last report)" if held else ""
         pb_utils.Logger.log_error(
-            f"{self.model_name}: unexpected {type(err).__name__} while scoring {what}:\n"
+            f"{self.model_name}: unexpected {type(err).__name__} while scoring {what}{again}:\n"
             + "".join(traceback.format_exception(err))
+        )
+
+    def _log_invalid(self, errors: list[InvalidInputError]) -> None:
+        """One warning per interval about rejected requests, with the latest reason."""
+        held = self.log_throttle.allow("invalid", len(errors))
+        if held is None:
+            return
+        pb_utils.Logger.log_warn(
+            f"{self.model_name}: {held + len(errors)} invalid request(s) rejected since the "
+            f"last report (at most one report per {self.log_throttle.interval_s:g} s); "
+            f"latest: {str(errors[-1])[:300]}"
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -234,6 +289,9 @@ class TritonPythonModel:
             invalid = sum(isinstance(a, InvalidInputError) for a in answers)
             if invalid:
                 self.metrics.count_invalid(invalid)
+        rejected = [a for a in answers if isinstance(a, InvalidInputError)]
+        if rejected:
+            self._log_invalid(rejected)
         return [self._response(a) for a in answers]
 
     def _response(self, answer: Any) -> Any:
