@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="")
     parser.add_argument("--variants", default="")
     parser.add_argument("--window-s", type=float, default=0.0, help="per round and variant")
+    parser.add_argument("--rounds", type=int, default=0, help="alternating rounds per cell")
     parser.add_argument("--memory-s", type=float, default=-1.0)
     parser.add_argument("--image-size", type=int, default=0, help="ResNet input (224; quick 32)")
     parser.add_argument("--instances", type=int, default=1, help="instance_group count")
@@ -356,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["variants"] = tuple(common.parse_names(args.variants))
     if args.window_s > 0:
         overrides["window_s"] = args.window_s
+    if args.rounds > 0:
+        overrides["rounds"] = args.rounds
     if args.memory_s >= 0:
         overrides["memory_s"] = args.memory_s
     plan = Plan(**{**plan.__dict__, **overrides})

@@ -245,15 +245,28 @@ def _axis(n_in: int, n_out: int) -> _Axis:
 def upsample_bilinear(maps: ArrayLike, size: tuple[int, int]) -> Floats:
     """Resize maps (..., h, w) to (..., H, W) exactly like torch's bilinear, align_corners=False.
 
-    Separable, so it is two small matrix products; works for any leading shape.
+    Separable: each axis mixes two gathered neighbours, ``(1 - frac) a + frac b``, so it is a
+    few element-wise passes over the output and no BLAS call (whose threads would compete
+    with the network's right after a forward pass); works for any leading shape.
     """
     m = np.asarray(maps, dtype=np.float64)
     if m.ndim < 2:
         raise InvalidInputError(f"maps must have at least 2 dimensions (h, w), got {m.shape}")
     height, width = _as_size(size)
-    rows = _axis(m.shape[-2], height).matrix
-    cols = _axis(m.shape[-1], width).matrix
-    out: Floats = rows @ m @ cols.T
+    rows = _axis(m.shape[-2], height)
+    cols = _axis(m.shape[-1], width)
+    return _mix(_mix(m, rows, axis=-2), cols, axis=-1)
+
+
+def _mix(m: Floats, along: _Axis, axis: int) -> Floats:
+    """Linear interpolation of ``m`` along ``axis`` (-2 or -1) with the weights of ``along``."""
+    n_in = m.shape[axis]
+    low = np.take(m, along.low, axis=axis)
+    if n_in == 1:
+        return low
+    high = np.take(m, np.minimum(along.low + 1, n_in - 1), axis=axis)
+    frac = along.frac if axis == -1 else along.frac[:, None]
+    out: Floats = low + frac * (high - low)
     return out
 
 
