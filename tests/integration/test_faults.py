@@ -238,7 +238,6 @@ def test_supervisor_restarts_server_and_retrying_clients_lose_nothing_when_stub_
         stop.set()
         for w in workers:
             w.join(timeout=60)
-        assert supervisor.error is None
     restart = supervisor.restarts[0]
     assert "died" in restart.reason and restart.downtime_s < 30
     assert supervisor.server.process.pid != first_pid

@@ -26,7 +26,10 @@ KEY = "cli-admin-key-0123456789abcdef"
 
 def _serve(env: dict[str, str], http: int) -> subprocess.Popen[str]:
     cmd = [
+        # The bundled Triton 2.51 has known critical flaws, so --production needs the
+        # override here (test_security_abuse.py checks the refusal without it).
         sys.executable, "-m", "gradtrust.cli", "serve", "--production",
+        "--allow-vulnerable-triton",
         "--model-repository", str(MODEL_REPOSITORY), "--address", "127.0.0.1",
         "--http-port", str(http), "--grpc-port", str(free_port()),
         "--metrics-port", str(free_port()),
