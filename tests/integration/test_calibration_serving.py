@@ -1,6 +1,7 @@
-"""`gradtrust calibrate` round trip through the real server: the served TRUST_PROB is
-better calibrated than softmax confidence on held-out digits, and the threshold meets its
-target there."""
+"""`gradtrust calibrate` round trip through the real server: the served TRUST_PROB is what
+the calibration file computes from the model's logits and features, never 0 or 1, better
+calibrated than softmax confidence on held-out digits (clean and shifted), and ranks the
+errors of shifted digits at least as well as softmax confidence."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from gradtrust.core.calibration import load_model_calibration
+from gradtrust.tools.evaluate import metrics as M
 from gradtrust.tools.evaluate.calibration import check_heldout
 from gradtrust.tools.evaluate.roundtrip import heldout_set
-from tests.conftest import DEMO_MODEL, MODEL_REPOSITORY
+from gradtrust.tools.evaluate.runner import stratified_subset
+from gradtrust.tools.evaluate.scoring import InProcessScorer
+from gradtrust.tools.evaluate.shifts import with_corruptions
+from tests.conftest import DEMO_MODEL, DEMO_ONNX, MODEL_REPOSITORY
 from tests.integration.triton_io import PROTOCOLS, infer
 
 pytestmark = pytest.mark.integration
@@ -19,38 +24,43 @@ pytestmark = pytest.mark.integration
 OUTPUTS = ("CLASS_ID", "CONFIDENCE", "GRADTRUST", "TRUST_PROB")
 
 
+def _served(server, protocol: str, images: np.ndarray) -> dict[str, np.ndarray]:
+    parts = [infer(server, protocol, images[i : i + 64], outputs=OUTPUTS)
+             for i in range(0, len(images), 64)]  # fmt: skip
+    return {name: np.concatenate([p[name] for p in parts])[:, 0] for name in OUTPUTS}
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_served_trust_prob_beats_softmax_ece_and_threshold_meets_target_when_calibrated(
+def test_served_trust_prob_is_the_calibrations_and_beats_softmax_ece_when_calibrated(
     triton_server, protocol
 ):
     calibration = load_model_calibration(MODEL_REPOSITORY / DEMO_MODEL)
     assert calibration is not None, "run `make calibrate`: the demo entry has no calibration"
     images, labels = heldout_set(mix="clean", seed=0)
-    parts = [infer(triton_server, protocol, images[i : i + 64], outputs=OUTPUTS)
-             for i in range(0, len(images), 64)]  # fmt: skip
-    out = {name: np.concatenate([p[name] for p in parts])[:, 0] for name in OUTPUTS}
-    np.testing.assert_allclose(
-        out["TRUST_PROB"], calibration.apply(out["GRADTRUST"]), rtol=1e-5, atol=1e-6
-    )
+    out = _served(triton_server, protocol, images)
+    local = InProcessScorer(DEMO_ONNX, intra_op_threads=2).score(images, served_only=True)
+    expected = calibration.apply(local.logits, local.features)
+    np.testing.assert_allclose(out["TRUST_PROB"], expected, rtol=1e-5, atol=1e-6)
+    assert ((out["TRUST_PROB"] > 0) & (out["TRUST_PROB"] < 1)).all()
     check = check_heldout(
-        calibration,
-        out["GRADTRUST"],
-        out["CONFIDENCE"],
-        out["CLASS_ID"] == labels,
-        trust_prob=out["TRUST_PROB"],
+        calibration, out["TRUST_PROB"], out["CONFIDENCE"], out["CLASS_ID"] == labels
     )
     assert check.ece_improved, check
     assert check.target_met, check
 
 
-def test_server_uses_calibrated_threshold_when_calibrate_wrote_it():
-    calibration = load_model_calibration(MODEL_REPOSITORY / DEMO_MODEL)
-    assert calibration is not None
-    config = (MODEL_REPOSITORY / DEMO_MODEL / "config.pbtxt").read_text()
-    assert (
-        f'"low_trust_threshold", value: {{ string_value: "{calibration.low_trust_threshold!r}"'
-        in config
-    )
+def test_served_trust_prob_ranks_shifted_errors_at_least_as_well_as_softmax_when_calibrated(
+    triton_server,
+):
+    clean, labels = heldout_set(mix="clean", seed=0)
+    subset = stratified_subset(labels, 10, 0)
+    kinds = ("gaussian_noise", "contrast", "elastic_transform")
+    images, truth = with_corruptions(clean[subset], labels[subset], 1, kinds, include_clean=False)
+    out = _served(triton_server, "http", images)
+    right = out["CLASS_ID"] == truth
+    assert (~right).sum() > 50  # enough errors for the comparison to mean something
+    assert M.auroc(out["TRUST_PROB"], right) >= M.auroc(out["CONFIDENCE"], right)
+    assert M.ece(out["TRUST_PROB"], right) <= M.ece(out["CONFIDENCE"], right)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
