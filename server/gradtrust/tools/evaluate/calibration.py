@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from tqdm import tqdm
 
 from gradtrust.core.calibration import (
     InputScaling,
@@ -528,7 +529,7 @@ def assess(
     draws: dict[str, list[tuple[float, float, float]]] = {n: [] for n in signals}
     unique, index = np.unique(g, return_inverse=True)
     rng = np.random.default_rng([seed, 5])
-    for _ in range(resamples):
+    for _ in tqdm(range(resamples), desc=f"bootstrap {part}", unit="draw", leave=False):
         counts = np.bincount(rng.integers(0, unique.size, unique.size), minlength=unique.size)
         take = np.repeat(np.arange(y.size), counts[index])
         for n in signals:

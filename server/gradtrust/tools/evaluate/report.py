@@ -68,7 +68,8 @@ def _round_trips(evaluation: Evaluation) -> str:
             f"({r['heldout_samples']}) | {r['target']} |"
         )
         if "refused" in r:
-            lines.append(f"{head} refused: {r['refused']} | | | | | | | |")
+            why = str(r["refused"]).split(":", 1)[0]
+            lines.append(f"{head} refused: {why} | | | | | | | |")
             continue
         lines.append(
             f"{head} {r['signal']} | {r['threshold']:.3f} | "
