@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 #: Causes of a restart (the ``cause`` label): tritonserver killed by a signal (a crash),
 #: exited by itself, a Python backend stub died, or a new server failed to start.
 CAUSES: tuple[str, ...] = ("crashed", "exited", "stub_died", "start_failed")
+#: The exported name of :data:`RESTARTS` (deploy/prometheus/rules/gradtrust-serve.rules.yml).
+RESTARTS_METRIC = "gradtrust_server_restarts_total"
 RESTARTS = Counter(
-    "gradtrust_server_restarts",
+    RESTARTS_METRIC.removesuffix("_total"),
     "Restarts of tritonserver by gradtrust serve's supervisor, by cause",
     ["cause"],
 )
