@@ -24,6 +24,7 @@ from gradtrust.serving.contract import (
     PARAM_HEATMAP_SIZE,
     REQUEST_PARAMETERS,
 )
+from gradtrust.serving.decoding import IMAGE_FACTOR, REQUEST_FACTOR
 from gradtrust.serving.decoding import PARAMETER_KEYS as IMAGE_PARAMETERS
 
 #: The scores served in ``SCORES`` when a model's config does not choose
@@ -37,6 +38,13 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 #: pass per image at C = 1000 (docs/BENCHMARKS.md); the cap keeps one request from
 #: holding the model instance for long.
 DEFAULT_MAX_VOICE_IMAGES = 8
+#: Default bounds on decoding IMAGE_BYTES files (config parameters max_decoded_pixels_factor
+#: and max_request_decoded_pixels_factor): an image may hold 16 x the pixels of the model's
+#: input (4 x its height and width), a request 4 x the pixels of a full batch at the
+#: model's size. Decoding time grows with the pixels, so one request's decoding costs at
+#: most about 4 x that of a full batch of model-size images (docs/SECURITY.md).
+DEFAULT_DECODED_PIXELS_FACTOR = 16.0
+DEFAULT_REQUEST_DECODED_PIXELS_FACTOR = 4.0
 #: Default seconds between metric flushes (config parameter metrics_flush_seconds).
 DEFAULT_METRICS_FLUSH_SECONDS = 1.0
 
@@ -109,6 +117,11 @@ class ModelSettings:
     metrics_flush_seconds: float = DEFAULT_METRICS_FLUSH_SECONDS
     #: Most images in one request with ``heatmap_method=voice`` (gradtrust.serving.service).
     max_voice_images: int = DEFAULT_MAX_VOICE_IMAGES
+    #: Pixels one decoded IMAGE_BYTES file may have, as a multiple of the model's input
+    #: (gradtrust.serving.decoding.DecodeLimits).
+    decoded_pixels_factor: float = DEFAULT_DECODED_PIXELS_FACTOR
+    #: Pixels all files of one request may have, as a multiple of a full batch.
+    request_decoded_pixels_factor: float = DEFAULT_REQUEST_DECODED_PIXELS_FACTOR
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], labels: Sequence[str]) -> ModelSettings:
@@ -116,7 +129,7 @@ class ModelSettings:
         known = {"scores", "contrast_k", "low_trust_threshold", "pixel_range", "onnx_file"}
         known |= {*IMAGE_PARAMETERS, *BLS_PARAMETERS}  # read by gradtrust.serving.decoding, .bls
         known |= {"max_request_bytes", "max_image_pixels", "metrics_flush_seconds"}
-        known |= {"max_voice_images"}
+        known |= {"max_voice_images", IMAGE_FACTOR, REQUEST_FACTOR}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ConfigError(f"unknown config parameter(s) {unknown}; known: {sorted(known)}")
@@ -140,6 +153,8 @@ class ModelSettings:
                 "config parameter 'max_voice_images'",
                 0,
             )
+            image_factor = _factor(params, IMAGE_FACTOR, DEFAULT_DECODED_PIXELS_FACTOR)
+            request_factor = _factor(params, REQUEST_FACTOR, DEFAULT_REQUEST_DECODED_PIXELS_FACTOR)
             threshold = float(params.get("low_trust_threshold", "0"))
             flush_text = params.get("metrics_flush_seconds", str(DEFAULT_METRICS_FLUSH_SECONDS))
             try:
@@ -171,7 +186,23 @@ class ModelSettings:
             max_image_pixels=max_pixels,
             metrics_flush_seconds=flush,
             max_voice_images=max_voice,
+            decoded_pixels_factor=image_factor,
+            request_decoded_pixels_factor=request_factor,
         )
+
+
+def _factor(params: Mapping[str, str], key: str, default: float) -> float:
+    """A config parameter that multiplies the model's input size: a finite number >= 1."""
+    text = params.get(key, "").strip()
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1.0):
+        raise ValueError(
+            f"{key} must be a number >= 1 (a multiple of the model's input size), got {text!r}"
+        )
+    return value
 
 
 @dataclass(frozen=True)

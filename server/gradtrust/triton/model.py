@@ -28,7 +28,7 @@ from gradtrust.serving.contract import (
     SCORES,
     TRUST_PROB,
 )
-from gradtrust.serving.decoding import PreprocessSpec, decode_batch
+from gradtrust.serving.decoding import DecodeLimits, PreprocessSpec, decode_batch
 from gradtrust.serving.service import (
     BatchResult,
     ScoringRequest,
@@ -131,6 +131,14 @@ class TritonPythonModel:
             self.spec = PreprocessSpec.from_parameters(
                 params, classifier.input_shape, np.dtype(classifier.input_dtype).name
             )
+            # What decoding IMAGE_BYTES may cost, checked from the files' headers.
+            self.decode_limits = DecodeLimits.for_model(
+                self.spec,
+                int(config.get("max_batch_size", 0)),
+                settings.decoded_pixels_factor,
+                settings.request_decoded_pixels_factor,
+                settings.max_image_pixels,
+            )
             self.service = TrustService(
                 classifier,
                 settings,
@@ -195,7 +203,9 @@ class TritonPythonModel:
                     f"{limit} bytes per request (config parameter max_request_bytes): send "
                     "fewer or smaller files per request"
                 )
-            return ScoringRequest(decode_batch(files, self.spec), options, outputs)
+            return ScoringRequest(
+                decode_batch(files, self.spec, self.decode_limits), options, outputs
+            )
         if tensor is None:
             raise InvalidInputError(f"the request has no input named {IMAGE} or {IMAGE_BYTES}")
         # A view of the request's shared memory: TrustService checks the size limits from
