@@ -37,6 +37,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "fit TRUST_PROB and the low-trust threshold of an entry on labelled data",
         "eval",
     ),
+    "introspect": (
+        "gradtrust.tools.introspect.cli",
+        "train the introspective (second-stage) network of an entry on labelled images",
+        "eval",
+    ),
 }
 
 

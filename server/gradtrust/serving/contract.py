@@ -25,6 +25,18 @@ SCORES = "SCORES"
 HEATMAP = "HEATMAP"
 HEATMAP_STATS = "HEATMAP_STATS"
 TRUST_PROB = "TRUST_PROB"
+#: The introspective (second-stage) prediction, computed only when a request names one of
+#: these and only by entries that hold :data:`INTROSPECTION_ONNX` (`gradtrust introspect`).
+INTROSPECTIVE_CLASS_ID = "INTROSPECTIVE_CLASS_ID"
+INTROSPECTIVE_LABEL = "INTROSPECTIVE_LABEL"
+INTROSPECTIVE_CONFIDENCE = "INTROSPECTIVE_CONFIDENCE"
+INTROSPECTIVE_AGREES = "INTROSPECTIVE_AGREES"
+INTROSPECTIVE_OUTPUTS: tuple[str, ...] = (
+    INTROSPECTIVE_CLASS_ID,
+    INTROSPECTIVE_LABEL,
+    INTROSPECTIVE_CONFIDENCE,
+    INTROSPECTIVE_AGREES,
+)
 
 #: Every output an entry declares: (name, Triton data type, dims without the batch).
 OUTPUT_SPECS: tuple[tuple[str, str, str], ...] = (
@@ -36,6 +48,10 @@ OUTPUT_SPECS: tuple[tuple[str, str, str], ...] = (
     (HEATMAP, "TYPE_FP32", "[ -1, -1 ]"),
     (HEATMAP_STATS, "TYPE_FP32", "[ 2 ]"),
     (TRUST_PROB, "TYPE_FP32", "[ 1 ]"),
+    (INTROSPECTIVE_CLASS_ID, "TYPE_INT64", "[ 1 ]"),
+    (INTROSPECTIVE_LABEL, "TYPE_STRING", "[ 1 ]"),
+    (INTROSPECTIVE_CONFIDENCE, "TYPE_FP32", "[ 1 ]"),
+    (INTROSPECTIVE_AGREES, "TYPE_BOOL", "[ 1 ]"),
 )
 OUTPUTS: tuple[str, ...] = tuple(name for name, _, _ in OUTPUT_SPECS)
 
@@ -61,12 +77,28 @@ REQUEST_PARAMETERS: tuple[str, ...] = (
 DEFAULT_HEATMAP_METHOD = "gradcam"
 HEATMAP_SIZE_INPUT = "input"
 HEATMAP_SIZE_ACTIVATION = "activation"
+
+# The introspective network of an entry (written by `gradtrust introspect`, run by
+# gradtrust.serving.introspector): a file in the version folder beside the classifier,
+# inputs the two unit factors of the introspective feature, output its logits.
+INTROSPECTION_ONNX = "introspection.onnx"
+INTROSPECTION_GRADIENT = "gradient_unit"
+INTROSPECTION_FEATURES = "features_unit"
+INTROSPECTION_LOGITS = "introspective_logits"
 HEATMAP_SIZES: tuple[str, ...] = (HEATMAP_SIZE_INPUT, HEATMAP_SIZE_ACTIVATION)
 
 # Outputs of a prepared ONNX file (written by `gradtrust prepare`, read by the classifier).
 LOGITS = "logits"
 FEATURES = "features"
 ACTIVATION = "activation"
+
+# The introspective network of an entry (written by `gradtrust introspect`, run by
+# gradtrust.serving.introspector): a file in the version folder beside the classifier,
+# inputs the two unit factors of the introspective feature, output its logits.
+INTROSPECTION_ONNX = "introspection.onnx"
+INTROSPECTION_GRADIENT = "gradient_unit"
+INTROSPECTION_FEATURES = "features_unit"
+INTROSPECTION_LOGITS = "introspective_logits"
 
 __all__ = [
     "ACTIVATION",
@@ -84,6 +116,15 @@ __all__ = [
     "HEATMAP_STATS",
     "IMAGE",
     "IMAGE_BYTES",
+    "INTROSPECTION_FEATURES",
+    "INTROSPECTION_GRADIENT",
+    "INTROSPECTION_LOGITS",
+    "INTROSPECTION_ONNX",
+    "INTROSPECTIVE_AGREES",
+    "INTROSPECTIVE_CLASS_ID",
+    "INTROSPECTIVE_CONFIDENCE",
+    "INTROSPECTIVE_LABEL",
+    "INTROSPECTIVE_OUTPUTS",
     "LABEL",
     "LOGITS",
     "OUTPUTS",
