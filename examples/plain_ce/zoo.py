@@ -263,10 +263,10 @@ def build(out: Path) -> None:
 # ------------------------------------------------------------------- product commands
 
 
-def _run(cmd: Sequence[str | Path]) -> None:
+def _run(cmd: Sequence[str | Path], check: bool = True) -> int:
     text = " ".join(shlex.quote(str(c)) for c in cmd)
     print(f"$ {text}", flush=True)
-    subprocess.run([str(c) for c in cmd], check=True)
+    return subprocess.run([str(c) for c in cmd], check=check).returncode
 
 
 def prepare(out: Path) -> None:
@@ -280,15 +280,25 @@ def prepare(out: Path) -> None:
         )  # fmt: skip
 
 
-def calibrate(out: Path, extra: Sequence[str]) -> None:
+def calibrate(out: Path, extra: Sequence[str]) -> dict[str, str]:
+    """Calibrate each entry as a user would: the automatic signal choice first; when
+    `gradtrust calibrate` refuses it (non-zero exit, nothing written), once more with the
+    headline score forced (``--signal gradtrust``). Returns the signal each entry got."""
+    chosen: dict[str, str] = {}
     for name in MODELS:
-        _run(
-            [
-                GRADTRUST_BIN, "calibrate", "--model-repository", out / "model_repository",
-                "--model", name, "--data", out / "data" / name / "calibration",
-                "--mix", "corruptions", "--target", "flag-rate=0.05", *extra,
-            ]
-        )  # fmt: skip
+        cmd: list[str | Path] = [
+            GRADTRUST_BIN, "calibrate", "--model-repository", out / "model_repository",
+            "--model", name, "--data", out / "data" / name / "calibration",
+            "--mix", "corruptions", "--target", "flag-rate=0.05", *extra,
+        ]  # fmt: skip
+        if _run(cmd, check=False) == 0:
+            chosen[name] = "automatic"
+            continue
+        print(f"{name}: calibrate refused the automatic choice; forcing the headline score")
+        _run([*cmd, "--signal", "gradtrust"])
+        chosen[name] = "gradtrust (forced after a refusal)"
+    (out / "calibration_choices.json").write_text(json.dumps(chosen, indent=1))
+    return chosen
 
 
 # ------------------------------------------------------------------------ measurement
@@ -305,6 +315,18 @@ def _boot_auroc_diff(
         if c.all() or not c.any():
             continue
         diffs.append(metrics.auroc(a[i], c) - metrics.auroc(b[i], c))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _boot_ece_diff(
+    a: np.ndarray, b: np.ndarray, correct: np.ndarray, rng: np.random.Generator
+) -> tuple[float, float]:
+    """95 % percentile interval of ECE(a) - ECE(b), paired bootstrap over samples."""
+    diffs = []
+    for _ in range(BOOTSTRAP):
+        i = rng.integers(0, len(correct), len(correct))
+        diffs.append(metrics.ece(a[i], correct[i]) - metrics.ece(b[i], correct[i]))
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     return float(lo), float(hi)
 
@@ -376,9 +398,14 @@ def measure(out: Path) -> dict[str, dict[str, dict[str, Any]]]:
             report["candidates"][f"{name}/{split}"] = row
     served = _served(out)
     for name, splits in served.items():
+        cal = json.loads((out / "model_repository" / name / "trust_calibration.json").read_text())
+        signal = cal["signal"]["kind"]
+        if signal == "input":
+            signal = cal["signal"]["inputs"][0]
         for split, v in splits.items():
             correct = v["class_id"] == v["label"]
             row = {
+                "signal": signal,
                 "accuracy": float(correct.mean()),
                 "errors": int((~correct).sum()),
                 "auroc_trust_prob": metrics.auroc(v["trust_prob"], correct),
@@ -389,6 +416,7 @@ def measure(out: Path) -> dict[str, dict[str, dict[str, Any]]]:
                 ),
                 "ece_trust_prob": metrics.ece(v["trust_prob"], correct),
                 "ece_confidence": metrics.ece(v["confidence"], correct),
+                "ece_difference_ci": _boot_ece_diff(v["trust_prob"], v["confidence"], correct, rng),
                 "trust_prob_min": float(v["trust_prob"].min()),
                 "trust_prob_max": float(v["trust_prob"].max()),
             }
@@ -401,16 +429,20 @@ def measure(out: Path) -> dict[str, dict[str, dict[str, Any]]]:
 def _print_tables(report: dict[str, dict[str, dict[str, Any]]]) -> None:
     served = report["served"]
     print(
-        "\n| model / held-out set | acc. (errors) | AUROC TRUST_PROB | AUROC CONFIDENCE "
-        "| difference, 95 % CI | ECE TRUST_PROB | ECE CONFIDENCE |"
+        "\n| model / held-out set | TRUST_PROB signal | acc. (errors) | AUROC TRUST_PROB "
+        "| AUROC CONFIDENCE | difference, 95 % CI | ECE TRUST_PROB | ECE CONFIDENCE "
+        "| difference, 95 % CI |"
     )
-    print("|---|---|---:|---:|---|---:|---:|")
+    print("|---|---|---|---:|---:|---|---:|---:|---|")
     for key, r in served.items():
         lo, hi = r["trust_prob_minus_confidence_ci"]
+        elo, ehi = r["ece_difference_ci"]
         print(
-            f"| {key} | {r['accuracy']:.3f} ({r['errors']}) | {r['auroc_trust_prob']:.3f} "
+            f"| {key} | {r['signal']} | {r['accuracy']:.3f} ({r['errors']}) "
+            f"| {r['auroc_trust_prob']:.3f} "
             f"| {r['auroc_confidence']:.3f} | [{lo:+.3f}, {hi:+.3f}] "
-            f"| {r['ece_trust_prob']:.3f} | {r['ece_confidence']:.3f} |"
+            f"| {r['ece_trust_prob']:.3f} | {r['ece_confidence']:.3f} "
+            f"| [{elo:+.3f}, {ehi:+.3f}] |"
         )
     cands = report["candidates"]
     names = ["msp", "gradtrust", "gradtrust_released", "margin", "entropy", "max_logit"]
