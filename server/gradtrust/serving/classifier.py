@@ -103,6 +103,10 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No busy-waiting pool threads after each run: they took the cores from the scores,
+        # the heatmaps' BLAS calls, Triton's frontends and other instances (2-3x lower
+        # throughput on a shared 2-core machine, plain model included; docs/BENCHMARKS.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(self.path), sess_options=options, providers=providers_for(device, device_id)
