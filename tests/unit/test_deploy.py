@@ -24,7 +24,8 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
 
-from gradtrust.serving.telemetry import METRIC_NAMES
+from gradtrust.ops.exporter import METRIC_NAMES as EXPORTER_METRIC_NAMES
+from gradtrust.serving.telemetry import METRIC_NAMES as MODEL_METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -43,8 +44,11 @@ REQUIRED_ALERTS = {
     "GradTrustMedianConfidenceFalling",
     "GradTrustDistributionShift",
     "GradTrustNoInferenceTraffic",
+    "GradTrustUncalibratedInProduction",
     "TritonDown",
 }
+#: Every gradtrust_ metric of the endpoint: the stubs' and the exporter's own.
+METRIC_NAMES = (*MODEL_METRIC_NAMES, *EXPORTER_METRIC_NAMES)
 # Triton's own metrics that the rules, the dashboard and the autoscaler rely on.
 TRITON_METRICS = {
     "nv_inference_request_success",
@@ -234,7 +238,8 @@ def test_dashboard_shows_trust_confidence_low_trust_throughput_and_latency_when_
     names = {_histogram_base(n) for e in _dashboard_exprs() for n in _metric_names_in(e)}
     assert {
         "gradtrust_trust",
-        "gradtrust_trust_normalized",
+        "gradtrust_trust_probability",
+        "gradtrust_model_calibrated",
         "gradtrust_confidence",
         "gradtrust_low_trust_predictions_total",
         "gradtrust_predictions_total",
@@ -245,7 +250,9 @@ def test_dashboard_shows_trust_confidence_low_trust_throughput_and_latency_when_
     recorded = {r["record"] for r in _rules() if "record" in r}
     for expr in _dashboard_exprs():
         assert _recorded_names_in(expr) <= recorded, expr
-    assert all('model=~"$model"' in e for e in _dashboard_exprs() if "gradtrust_" in e)
+    # Every per-model query follows the $model variable (the exporter's gauges are per server).
+    per_model = [e for e in _dashboard_exprs() if any(n in e for n in MODEL_METRIC_NAMES)]
+    assert all('model=~"$model"' in e for e in per_model)
 
 
 def test_promtool_parses_every_dashboard_and_autoscaler_query_when_variables_are_filled(tmp_path):

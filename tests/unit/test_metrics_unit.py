@@ -1,512 +1,384 @@
-"""Specification of gradtrust.serving.telemetry: bucket edges, normalisation, low-trust counting and
-what TrustMetrics sends to Triton's metric API (checked against a recording fake of it)."""
+"""Specification of gradtrust.serving.telemetry: low-trust counting, and the multiprocess
+files TrustMetrics writes, read back with prometheus-client's own MultiProcessCollector and
+checked against what prometheus-client's metric classes write for the same observations."""
 
 from __future__ import annotations
 
 import math
-import re
-import threading
-import time
-import weakref
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from gradtrust.core.calibration import ProbabilityMap, Signal, ThresholdTarget, TrustCalibration
 from gradtrust.errors import ConfigError, InvalidInputError
 from gradtrust.serving.telemetry import (
+    CALIBRATED,
     CONFIDENCE_BUCKETS,
-    LABELS,
+    HISTOGRAMS,
+    LOW_TRUST_THRESHOLD,
     METRIC_NAMES,
-    NORMALIZED_TRUST_BUCKETS,
     SECONDS_BUCKETS,
-    HistogramCounts,
+    TRUST_BUCKETS,
+    TRUST_PROBABILITY_BUCKETS,
+    LowTrustRule,
     TrustMetrics,
-    cumulative_bucket_counts,
-    le_label,
     low_trust_mask,
-    normalize_trust,
+    low_trust_rule,
     summarize_batch,
-    trust_buckets,
 )
 
-# --- a recording stand-in for triton_python_backend_utils' metric API -------------------
+UNCALIBRATED = LowTrustRule("gradtrust", 3.0)
+CALIBRATED_RULE = LowTrustRule("trust_prob", 0.8)
 
 
-class _FakeMetric:
-    """Like the backend's Metric, it does not keep its family alive."""
-
-    def __init__(self, family: _FakeFamily, labels: dict[str, str], buckets: list[float] | None):
-        self.pb, self.name = family.pb, family.name
-        self.family = weakref.ref(family)
-        self.labels, self.buckets = labels, buckets
-        self.pb.live_metrics += 1
-
-    def increment(self, value: float) -> None:
-        self._record("increment", value)
-
-    def observe(self, value: float) -> None:
-        self._record("observe", value)
-
-    def _record(self, op: str, value: float) -> None:
-        if self.family() is None:
-            raise RuntimeError("MetricFamily deleted before its Metric")
-        if self.pb.fail:
-            raise RuntimeError("stub IPC failed")
-        self.pb.log.append((self.name, op, value, self.labels))
-
-    def __del__(self) -> None:
-        self.pb.live_metrics -= 1
-        if self.family() is None:
-            self.pb.order_errors += 1
+def _collect(directory: Path) -> dict[str, Any]:
+    """The metric families of a multiprocess directory, as the exporter reads them."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))
+    return {m.name: m for m in registry.collect()}
 
 
-class _FakeFamily:
-    COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
-
-    def __init__(self, pb: _FakePbUtils, name: str, description: str, kind: str):
-        self.pb, self.name, self.description, self.kind = pb, name, description, kind
-        pb.families[name] = {"kind": kind, "description": description, "metrics": []}
-
-    def Metric(self, labels: dict[str, str], buckets: list[float] | None = None) -> _FakeMetric:  # noqa: N802
-        if (self.kind == self.HISTOGRAM) != (buckets is not None):
-            raise ValueError("buckets are required for histograms and only for them")
-        self.pb.families[self.name]["metrics"].append({"labels": dict(labels), "buckets": buckets})
-        return _FakeMetric(self, dict(labels), buckets)
+def _samples(directory: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in _collect(directory).values()
+        for s in family.samples
+    }
 
 
-class _FakePbUtils:
-    """Module-like object: ``pb.MetricFamily(name=..., description=..., kind=...)``."""
-
-    def __init__(self) -> None:
-        self.families: dict[str, dict[str, Any]] = {}
-        self.log: list[tuple[str, str, float, dict[str, str]]] = []
-        self.live_metrics = 0
-        self.order_errors = 0
-        self.fail = False
-        pb = self
-
-        class MetricFamily(_FakeFamily):
-            def __init__(self, name: str, description: str, kind: str):
-                super().__init__(pb, name, description, kind)
-
-        self.MetricFamily = MetricFamily
-
-    def calls(self, name: str) -> list[tuple[str, float]]:
-        return [(op, v) for n, op, v, _ in self.log if n == name]
-
-    def total(self, name: str, **labels: str) -> float:
-        """What a scrape would show: the sum of all increments of a series so far."""
-        want = set(labels.items())
-        return sum(v for n, _, v, got in self.log if n == name and want <= set(got.items()))
-
-    def buckets(self, name: str) -> dict[float, float]:
-        """``{le: cumulative count}`` of one exported histogram, as a scrape would show it."""
-        edges = [m["labels"]["le"] for m in self.families[f"{name}_bucket"]["metrics"]]
-        return {_le(le): self.total(f"{name}_bucket", le=le) for le in edges}
+def _value(directory: Path, name: str, **labels: str) -> float:
+    want = {"model": "m", "version": "1", **labels}
+    found = [v for (n, lab), v in _samples(directory).items() if n == name and dict(lab) == want]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
 
 
-def _le(label: str) -> float:
-    return math.inf if label == "+Inf" else float(label)
-
-
-def _metrics(num_classes: int = 10, threshold: float = 5.0) -> tuple[_FakePbUtils, TrustMetrics]:
-    """Metrics without the background thread: tests flush when they want to look."""
-    pb = _FakePbUtils()
-    return pb, TrustMetrics(pb, "mnist", "1", num_classes, threshold, flush_seconds=None)
-
-
-HISTOGRAMS = (
-    "gradtrust_trust",
-    "gradtrust_trust_normalized",
-    "gradtrust_confidence",
-    "gradtrust_trust_compute_seconds",
-    "gradtrust_heatmap_compute_seconds",
-)
-COUNTERS = (
-    "gradtrust_predictions_total",
-    "gradtrust_low_trust_predictions_total",
-    "gradtrust_invalid_requests_total",
-)
-
-
-# --- pure functions ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("num_classes", [2, 3, 10, 100, 1000])
-def test_trust_buckets_span_one_to_num_classes_when_built_for_any_class_count(num_classes):
-    edges = trust_buckets(num_classes)
-    assert edges[0] == 1.0
-    assert edges[-1] == float(num_classes)
-    assert list(edges) == sorted(set(edges))
-
-
-def test_trust_buckets_are_log_spaced_when_many_classes():
-    edges = np.array(trust_buckets(1000, count=7))
-    ratios = edges[1:] / edges[:-1]
-    np.testing.assert_allclose(ratios, 10**0.5, rtol=0.01)
-
-
-def test_trust_buckets_include_the_threshold_exactly_when_one_is_given():
-    edges = trust_buckets(10, threshold=4.25)
-    assert 4.25 in edges
-    assert edges == tuple(sorted(set(trust_buckets(10)) | {4.25}))
-
-
-@pytest.mark.parametrize("num_classes", [2, 3, 7, 10, 100, 1000])
-def test_trust_buckets_print_as_short_labels_when_triton_formats_them(num_classes):
-    # Triton prints le with 16 significant digits: 8.11 would show as 8.109999999999999.
-    for edge in trust_buckets(num_classes):
-        assert len(f"{edge:.16g}") <= 5, edge
-
-
-@pytest.mark.parametrize("bad", [1, 0, -3, 2.5, True])
-def test_trust_buckets_reject_the_class_count_when_not_an_integer_of_at_least_two(bad):
-    with pytest.raises(ConfigError, match="num_classes|classes"):
-        trust_buckets(bad)
-
-
-def test_fixed_buckets_are_sorted_and_end_at_one_when_defined_for_unit_ranges():
-    for buckets in (NORMALIZED_TRUST_BUCKETS, CONFIDENCE_BUCKETS):
-        assert list(buckets) == sorted(set(buckets))
-        assert buckets[-1] == 1.0 and buckets[0] > 0.0
-    assert list(SECONDS_BUCKETS) == sorted(set(SECONDS_BUCKETS))
-
-
-def test_fixed_buckets_are_dense_near_one_when_scores_concentrate_there():
-    # Trained classifiers put most predictions near full trust: resolve the top 1 %.
-    assert sum(b >= 0.99 for b in NORMALIZED_TRUST_BUCKETS) >= 3
-    assert sum(b >= 0.99 for b in CONFIDENCE_BUCKETS) >= 3
-
-
-def test_normalize_trust_maps_the_range_onto_unit_interval_when_values_are_at_the_ends():
-    np.testing.assert_array_equal(normalize_trust([1.0, 5.5, 10.0], 10), [0.0, 0.5, 1.0])
-
-
-@given(
-    st.integers(2, 1000),
-    arrays(np.float64, st.integers(0, 20), elements=st.floats(0.0, 1.0)),
-)
-def test_normalize_trust_stays_in_unit_interval_and_keeps_order_when_inputs_are_valid(c, u):
-    g = 1.0 + u * (c - 1)
-    n = normalize_trust(g, c)
-    assert np.all((n >= 0.0) & (n <= 1.0))
-    order = np.argsort(g, kind="stable")
-    assert np.all(np.diff(n[order]) >= 0.0)
-
-
-def test_normalize_trust_clips_rounding_noise_and_keeps_nan_when_values_stray():
-    n = normalize_trust([1.0 - 1e-12, 10.0 + 1e-9, np.nan], 10)
-    assert n[0] == 0.0 and n[1] == 1.0 and math.isnan(n[2])
-
-
-def test_normalize_trust_does_not_mutate_its_input_when_called():
-    g = np.array([1.0, 3.0, 10.0])
-    normalize_trust(g, 10)
-    np.testing.assert_array_equal(g, [1.0, 3.0, 10.0])
+# --- low-trust counting ------------------------------------------------------------------
 
 
 def test_low_trust_mask_is_strictly_below_threshold_when_values_are_finite():
-    np.testing.assert_array_equal(
-        low_trust_mask([1.0, 4.999, 5.0, 9.0], 5.0), [True, True, False, False]
+    assert low_trust_mask([0.0, 2.999, 3.0, 7.0], 3.0).tolist() == [True, True, False, False]
+
+
+def test_low_trust_mask_flags_non_finite_scores_when_scores_are_broken():
+    assert low_trust_mask([np.nan, np.inf, -np.inf, 5.0], 3.0).tolist() == [True] * 3 + [False]
+
+
+@pytest.mark.parametrize(
+    ("score", "threshold"),
+    [("gradtrust", math.nan), ("gradtrust", math.inf), ("trust_prob", 1.5), ("msp", 0.5)],
+)
+def test_low_trust_rule_rejects_a_threshold_when_it_cannot_be_judged(score, threshold):
+    with pytest.raises(ConfigError):
+        LowTrustRule(score, threshold)
+
+
+def test_low_trust_rule_judges_gradtrust_against_the_config_when_the_entry_is_uncalibrated():
+    assert low_trust_rule(None, 4.5) == LowTrustRule("gradtrust", 4.5)
+
+
+def test_low_trust_rule_judges_trust_prob_against_the_calibration_when_calibrated():
+    calibration = TrustCalibration(
+        signal=Signal("input", ("msp",)),
+        map=ProbabilityMap((0.3, 0.9, 1.0), (0.2, 0.7, 0.99)),
+        low_trust_threshold=0.6,
+        target=ThresholdTarget("flag_rate", 0.05),
+        achieved_on_calibration=0.05,
     )
-
-
-def test_low_trust_mask_flags_non_finite_trust_when_scores_are_broken():
-    np.testing.assert_array_equal(low_trust_mask([np.nan, np.inf, 9.0], 5.0), [True, True, False])
-
-
-def test_cumulative_bucket_counts_follow_prometheus_le_semantics_when_values_hit_edges():
-    counts = cumulative_bucket_counts([0.5, 1.0, 1.0, 2.0, 7.0], [1.0, 2.0, 5.0])
-    assert counts == {1.0: 3, 2.0: 4, 5.0: 4, math.inf: 5}
+    # The config parameter (GRADTRUST units) no longer decides.
+    assert low_trust_rule(calibration, 123.0) == LowTrustRule("trust_prob", 0.6)
 
 
 def test_summarize_batch_counts_every_prediction_but_observes_only_finite_scores_when_nan():
-    s = summarize_batch([9.0, np.nan, 2.0], [0.99, 0.5, np.nan], 10, 5.0)
+    s = summarize_batch([np.nan, 2.0, 9.0], [0.5, np.nan, 0.9], UNCALIBRATED)
     assert s.predictions == 3
-    assert s.low_trust == 2  # 2.0 and the NaN
-    np.testing.assert_array_equal(s.trust_values, [9.0, 2.0])
-    np.testing.assert_allclose(s.normalized_values, [8 / 9, 1 / 9])
-    np.testing.assert_array_equal(s.confidence_values, [0.99, 0.5])
+    assert s.low_trust == 2  # NaN and 2.0
+    assert s.trust_values.tolist() == [2.0, 9.0]
+    assert s.confidence_values.tolist() == [0.5, 0.9]
+    assert s.trust_prob_values is None
 
 
-@pytest.mark.parametrize(
-    "g,p",
-    [([1.0, 2.0], [0.5]), ([[1.0, 2.0]], [[0.5, 0.6]]), (3.0, 0.5)],
-)
+def test_summarize_batch_judges_trust_prob_when_the_rule_says_so():
+    s = summarize_batch([0.1, 0.1, 30.0], [0.4, 0.4, 1.0], CALIBRATED_RULE, [0.9, 0.5, 0.1])
+    assert s.low_trust == 2  # on TRUST_PROB, whatever GRADTRUST says
+    with pytest.raises(InvalidInputError, match="TRUST_PROB"):
+        summarize_batch([1.0], [0.5], CALIBRATED_RULE)
+
+
+@pytest.mark.parametrize(("g", "p"), [([[1.0]], [0.5]), ([1.0, 2.0], [0.5]), (1.0, 0.5)])
 def test_summarize_batch_rejects_scores_when_shapes_disagree_or_are_not_1d(g, p):
-    with pytest.raises(InvalidInputError, match="1-D"):
-        summarize_batch(g, p, 10, 5.0)
+    with pytest.raises(InvalidInputError):
+        summarize_batch(g, p, UNCALIBRATED)
 
 
-def test_summarize_batch_counts_each_sample_alone_when_other_samples_join_the_batch():
-    alone = summarize_batch([3.0], [0.7], 10, 5.0)
-    together = summarize_batch([9.0, 3.0, 8.0], [0.9, 0.7, 0.8], 10, 5.0)
-    assert alone.low_trust == 1 and together.low_trust == 1
-    assert together.trust_values[1] == alone.trust_values[0]
+@given(arrays(np.float64, st.integers(1, 20), elements=st.floats(0, 50)), st.integers(0, 19))
+def test_summarize_batch_counts_each_sample_alone_when_other_samples_join_the_batch(g, i):
+    i %= g.size
+    alone = summarize_batch(g[i : i + 1], [0.5], UNCALIBRATED).low_trust
+    together = summarize_batch(g, np.full(g.size, 0.5), UNCALIBRATED)
+    others = summarize_batch(np.delete(g, i), np.full(g.size - 1, 0.5), UNCALIBRATED)
+    assert together.low_trust == alone + others.low_trust
 
 
-# --- HistogramCounts: a histogram accumulated in process -----------------------------------
-
-
-@given(arrays(np.float64, st.integers(0, 200), elements=st.floats(-1.0, 12.0)))
-def test_histogram_counts_match_prometheus_le_semantics_when_values_are_added(values):
-    edges = (1.0, 2.0, 5.0, 10.0)
-    h = HistogramCounts(edges)
-    h.add(values[: len(values) // 2])
-    h.add(values[len(values) // 2 :])
-    expected = cumulative_bucket_counts(values, edges)
-    assert dict(zip([*edges, math.inf], h.cumulative().tolist(), strict=True)) == expected
-    assert h.count == values.size
-    assert math.isclose(h.total, float(values.sum()), abs_tol=1e-9)
-
-
-def test_histogram_counts_start_again_from_zero_when_taken():
-    h = HistogramCounts((1.0, 2.0))
-    h.add([0.5, 1.5, 3.0])
-    taken = h.take()
-    assert taken.cumulative().tolist() == [1, 2, 3] and taken.total == 5.0
-    assert h.count == 0 and h.total == 0.0
-    h.add([1.0])
-    assert taken.cumulative().tolist() == [1, 2, 3]  # the taken counts are not shared
-
-
-@pytest.mark.parametrize("edges", [(), (2.0, 1.0), (1.0, 1.0), (1.0, math.nan), (1.0, math.inf)])
-def test_histogram_counts_reject_edges_when_not_finite_and_strictly_increasing(edges):
-    with pytest.raises(ConfigError, match="strictly increasing"):
-        HistogramCounts(edges)
+# --- the metric families and their buckets ------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "edge,label", [(math.inf, "+Inf"), (1.0, "1"), (0.1, "0.1"), (8.24, "8.24"), (1000.0, "1000")]
+    "edges", [TRUST_BUCKETS, TRUST_PROBABILITY_BUCKETS, CONFIDENCE_BUCKETS, SECONDS_BUCKETS]
 )
-def test_le_label_writes_edges_as_prometheus_histograms_do_when_formatted(edge, label):
-    assert le_label(edge) == label
+def test_buckets_are_finite_and_strictly_increasing_when_defined(edges):
+    e = np.asarray(edges)
+    assert np.isfinite(e).all() and (np.diff(e) > 0).all()
 
 
-# --- TrustMetrics against the fake backend API --------------------------------------------
+def test_probability_buckets_end_at_one_and_are_dense_near_it_when_defined():
+    for edges in (TRUST_PROBABILITY_BUCKETS, CONFIDENCE_BUCKETS):
+        assert edges[-1] == 1.0
+        assert sum(e >= 0.95 for e in edges) >= 5
 
 
-def test_trust_metrics_export_each_histogram_as_bucket_sum_and_count_counters_when_constructed():
-    pb, _ = _metrics()
-    expected = {f"{h}{part}" for h in HISTOGRAMS for part in ("_bucket", "_sum", "_count")}
-    assert set(pb.families) == expected | set(COUNTERS)
-    assert set(METRIC_NAMES) == set(HISTOGRAMS) | set(COUNTERS)
-    for name, fam in pb.families.items():
-        assert re.fullmatch(r"gradtrust_[a-z_]+", name)
-        assert fam["kind"] == _FakeFamily.COUNTER, name
-        assert fam["description"]
-        for metric in fam["metrics"]:
-            assert {k: v for k, v in metric["labels"].items() if k != "le"} == {
-                "model": "mnist",
-                "version": "1",
-            }
-            assert ("le" in metric["labels"]) == name.endswith("_bucket")
-    assert set(LABELS) == {"model", "version"}
+def test_trust_buckets_resolve_the_range_where_errors_live_when_defined():
+    # GRADTRUST ~ log 2 - 2 log(1 - p): at least 8 edges below p = 0.99 (about 10).
+    assert sum(e <= 10.0 for e in TRUST_BUCKETS) >= 8
+    assert TRUST_BUCKETS[0] > 0  # 0 is the minimum: its own bucket holds the coin tosses
 
 
-def test_trust_metrics_put_class_count_edges_and_the_threshold_on_raw_trust_when_constructed():
-    pb, _ = _metrics(num_classes=10, threshold=4.5)
-    les = [m["labels"]["le"] for m in pb.families["gradtrust_trust_bucket"]["metrics"]]
-    assert les == [le_label(e) for e in trust_buckets(10, threshold=4.5)] + ["+Inf"]
-    les = [m["labels"]["le"] for m in pb.families["gradtrust_trust_normalized_bucket"]["metrics"]]
-    assert les == [le_label(e) for e in NORMALIZED_TRUST_BUCKETS] + ["+Inf"]
+def test_trust_metrics_write_every_family_with_its_type_when_constructed(tmp_path):
+    TrustMetrics("m", "1", CALIBRATED_RULE, calibrated=True, directory=tmp_path)
+    families = _collect(tmp_path)
+    types = {name: f.type for name, f in families.items()}
+    for name in HISTOGRAMS:
+        assert types[name] == "histogram", name
+    for name in METRIC_NAMES:
+        if name.endswith("_total"):
+            assert types[name.removesuffix("_total")] == "counter", name
+    assert types[CALIBRATED] == types[LOW_TRUST_THRESHOLD] == "gauge"
+    assert _value(tmp_path, CALIBRATED) == 1.0
+    assert _value(tmp_path, LOW_TRUST_THRESHOLD, score="trust_prob") == 0.8
 
 
-def test_observe_batch_sends_nothing_to_the_server_until_the_next_flush_when_a_batch_arrives():
-    pb, tm = _metrics()
-    tm.observe_batch([9.5, 2.0], [0.99, 0.4], trust_seconds=0.002)
-    tm.count_invalid(1)
-    tm.observe_heatmap(0.01)
-    assert pb.log == []
+def test_trust_metrics_export_no_trust_prob_and_say_so_when_uncalibrated(tmp_path):
+    TrustMetrics("m", "1", UNCALIBRATED, calibrated=False, directory=tmp_path)
+    families = _collect(tmp_path)
+    assert "gradtrust_trust_probability" not in families
+    assert _value(tmp_path, CALIBRATED) == 0.0
+    assert _value(tmp_path, LOW_TRUST_THRESHOLD, score="gradtrust") == 3.0
 
 
-def test_flush_publishes_what_a_histogram_per_prediction_would_show_when_batches_were_observed():
-    pb, tm = _metrics(threshold=5.0)
-    g = np.array([9.5, 2.0, 10.0, 4.0, 1.0])
-    p = np.array([0.99, 0.4, 1.0, 0.6, 0.1])
-    tm.observe_batch(g[:2], p[:2], trust_seconds=0.002)
-    tm.observe_batch(g[2:], p[2:], trust_seconds=0.004)
-    tm.flush()
-    assert pb.total("gradtrust_predictions_total") == 5
-    assert pb.total("gradtrust_low_trust_predictions_total") == 3
-    edges = trust_buckets(10, threshold=5.0)
-    assert pb.buckets("gradtrust_trust") == cumulative_bucket_counts(g, edges)
-    normalized = normalize_trust(g, 10)
-    assert pb.buckets("gradtrust_trust_normalized") == cumulative_bucket_counts(
-        normalized, NORMALIZED_TRUST_BUCKETS
+def test_trust_metrics_refuse_a_trust_prob_rule_when_uncalibrated(tmp_path):
+    with pytest.raises(ConfigError):
+        TrustMetrics("m", "1", CALIBRATED_RULE, calibrated=False, directory=tmp_path)
+
+
+def test_trust_metrics_refuse_a_directory_when_it_does_not_exist(tmp_path):
+    with pytest.raises(ConfigError, match="gradtrust serve"):
+        TrustMetrics("m", "1", UNCALIBRATED, calibrated=False, directory=tmp_path / "gone")
+
+
+# --- what the files hold after traffic ----------------------------------------------------
+
+
+def _reference_histogram(directory: Path, name: str, edges: tuple[float, ...], values: list[float]):
+    """What prometheus-client's own Histogram writes for the same observations, one observe
+    per value, in a process of its own (multiprocess mode is chosen at import)."""
+    code = (
+        "import sys, json\n"
+        "from prometheus_client import Histogram\n"
+        "name, edges, values = json.loads(sys.argv[1])\n"
+        "h = Histogram(name, 'doc', ['model', 'version'], buckets=edges).labels('m', '1')\n"
+        "for v in values: h.observe(v)\n"
     )
-    assert pb.buckets("gradtrust_confidence") == cumulative_bucket_counts(p, CONFIDENCE_BUCKETS)
-    assert pb.total("gradtrust_trust_sum") == pytest.approx(g.sum())
-    assert pb.total("gradtrust_trust_normalized_sum") == pytest.approx(normalized.sum())
-    assert pb.total("gradtrust_confidence_sum") == pytest.approx(p.sum())
-    for name in ("gradtrust_trust", "gradtrust_trust_normalized", "gradtrust_confidence"):
-        assert pb.total(f"{name}_count") == 5
-    # One timing per batch.
-    assert pb.total("gradtrust_trust_compute_seconds_count") == 2
-    assert pb.total("gradtrust_trust_compute_seconds_sum") == pytest.approx(0.006)
+    import json
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    subprocess.run(
+        [sys.executable, "-c", code, json.dumps([name, list(edges), values])], env=env, check=True
+    )
 
 
-def test_flush_costs_at_most_one_call_per_series_when_many_predictions_are_pending():
-    pb, tm = _metrics()
+def _histogram_samples(directory: Path, name: str) -> dict[tuple[str, str], float]:
+    return {
+        (s.name, s.labels.get("le", "")): s.value
+        for s in _collect(directory)[name].samples
+        if s.labels.get("model") == "m"
+    }
+
+
+@settings(max_examples=5, deadline=None)
+@given(
+    st.lists(
+        arrays(
+            np.float64,
+            st.integers(0, 70),
+            elements=st.sampled_from([*TRUST_BUCKETS, 0.0]) | st.floats(0, 120, allow_nan=False),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_histogram_equals_prometheus_clients_own_when_batches_of_any_size_are_observed(
+    tmp_path_factory, batches
+):
+    ours, theirs = tmp_path_factory.mktemp("ours"), tmp_path_factory.mktemp("theirs")
+    metrics = TrustMetrics("m", "1", UNCALIBRATED, calibrated=False, directory=ours)
+    for g in batches:
+        metrics.observe_batch(g, np.full(g.size, 0.5), 0.001)
+    values = [float(v) for g in batches for v in g]
+    _reference_histogram(theirs, "gradtrust_trust", TRUST_BUCKETS, values)
+    got, want = (
+        _histogram_samples(ours, "gradtrust_trust"),
+        _histogram_samples(theirs, "gradtrust_trust"),
+    )
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-9), key
+
+
+def test_counts_rise_by_exactly_the_predictions_when_batches_of_mixed_sizes_arrive(tmp_path):
+    metrics = TrustMetrics("m", "1", CALIBRATED_RULE, calibrated=True, directory=tmp_path)
     rng = np.random.default_rng(0)
-    for _ in range(100):
-        tm.observe_batch(rng.uniform(1, 10, 64), rng.uniform(0.1, 1, 64), 0.001)
-    calls = tm.flush()
-    series = sum(len(f["metrics"]) for f in pb.families.values())
-    assert calls == len(pb.log) <= series < 6400
-    assert pb.total("gradtrust_predictions_total") == 6400
+    sizes = [1, 64, 3, 17, 1, 40, 2]
+    low = 0
+    for n in sizes:
+        q = rng.random(n)
+        low += int(np.count_nonzero(q < 0.8))
+        metrics.observe_batch(rng.exponential(8, n), rng.random(n), 0.002, q)
+    n = sum(sizes)
+    assert _value(tmp_path, "gradtrust_predictions_total") == n
+    for name in ("gradtrust_trust", "gradtrust_confidence", "gradtrust_trust_probability"):
+        assert _value(tmp_path, f"{name}_count") == n
+        assert _value(tmp_path, f"{name}_bucket", le="+Inf") == n
+    assert _value(tmp_path, "gradtrust_low_trust_predictions_total") == low
+    assert _value(tmp_path, "gradtrust_trust_compute_seconds_count") == len(sizes)
+    assert metrics.predictions == n
 
 
-def test_flush_sends_only_what_is_new_when_called_again():
-    pb, tm = _metrics()
-    tm.observe_batch([9.0], [0.9], 0.001)
-    tm.flush()
-    assert tm.flush() == 0
-    tm.observe_batch([2.0, 3.0], [0.3, 0.4], 0.001)
-    tm.flush()
-    assert pb.total("gradtrust_predictions_total") == 3
-    assert pb.buckets("gradtrust_trust") == cumulative_bucket_counts(
-        [9.0, 2.0, 3.0], trust_buckets(10, threshold=5.0)
-    )
+def test_bucket_edges_are_inclusive_when_values_fall_exactly_on_them(tmp_path):
+    metrics = TrustMetrics("m", "1", UNCALIBRATED, calibrated=False, directory=tmp_path)
+    metrics.observe_batch([1.0, 1.0000001, 0.0, 200.0], [1.0, 0.1, 0.95, 0.5], 0.0)
+    assert _value(tmp_path, "gradtrust_trust_bucket", le="1.0") == 2  # 0 and 1
+    assert _value(tmp_path, "gradtrust_trust_bucket", le="1.5") == 3
+    assert _value(tmp_path, "gradtrust_trust_bucket", le="100.0") == 3
+    assert _value(tmp_path, "gradtrust_trust_bucket", le="+Inf") == 4
+    assert _value(tmp_path, "gradtrust_confidence_bucket", le="0.95") == 3  # 0.95 itself too
+    assert _value(tmp_path, "gradtrust_trust_sum") == pytest.approx(202.0000001)
 
 
-def test_flush_sends_plain_floats_when_given_float32_arrays():
-    pb, tm = _metrics()
-    tm.observe_batch(np.array([9.0], np.float32), np.array([0.9], np.float32), 0.001)
-    tm.flush()
-    assert pb.log and all(type(v) is float for _, _, v, _ in pb.log)
+def test_non_finite_scores_are_counted_but_never_observed_when_a_batch_has_them(tmp_path):
+    metrics = TrustMetrics("m", "1", UNCALIBRATED, calibrated=False, directory=tmp_path)
+    metrics.observe_batch([np.nan, 5.0], [0.5, np.inf], 0.0)
+    assert _value(tmp_path, "gradtrust_predictions_total") == 2
+    assert _value(tmp_path, "gradtrust_low_trust_predictions_total") == 1
+    assert _value(tmp_path, "gradtrust_trust_count") == 1
+    assert math.isfinite(_value(tmp_path, "gradtrust_trust_sum"))
+    assert _value(tmp_path, "gradtrust_confidence_count") == 1
 
 
-def test_flush_skips_the_low_trust_counter_when_no_prediction_is_low():
-    pb, tm = _metrics(threshold=2.0)
-    tm.observe_batch([9.0, 8.0], [0.9, 0.8], 0.001)
-    tm.flush()
-    assert pb.calls("gradtrust_low_trust_predictions_total") == []
+def test_heatmap_timings_and_invalid_requests_are_counted_when_recorded(tmp_path):
+    metrics = TrustMetrics("m", "1", UNCALIBRATED, calibrated=False, directory=tmp_path)
+    metrics.observe_heatmap(0.02)
+    metrics.observe_heatmap(0.5)
+    metrics.count_invalid(3)
+    metrics.count_invalid(0)
+    assert _value(tmp_path, "gradtrust_heatmap_compute_seconds_count") == 2
+    assert _value(tmp_path, "gradtrust_heatmap_compute_seconds_sum") == pytest.approx(0.52)
+    assert _value(tmp_path, "gradtrust_invalid_requests_total") == 3
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InvalidInputError):
+            metrics.count_invalid(bad)
 
 
-def test_observe_batch_records_nothing_when_the_batch_is_empty():
-    pb, tm = _metrics()
-    summary = tm.observe_batch(np.array([]), np.array([]), 0.0)
-    assert summary.predictions == 0
-    assert tm.flush() == 0 and pb.log == []
-
-
-@pytest.mark.parametrize("seconds", [-1.0, math.nan, math.inf])
-def test_observe_batch_rejects_the_duration_when_not_finite_and_non_negative(seconds):
-    _, tm = _metrics()
-    with pytest.raises(InvalidInputError, match="duration"):
-        tm.observe_batch([9.0], [0.9], seconds)
-
-
-def test_observe_heatmap_records_one_duration_per_batch_when_called():
-    pb, tm = _metrics()
-    tm.observe_heatmap(0.25)
-    tm.flush()
-    assert pb.total("gradtrust_heatmap_compute_seconds_count") == 1
-    assert pb.total("gradtrust_heatmap_compute_seconds_sum") == 0.25
-    assert pb.buckets("gradtrust_heatmap_compute_seconds")[0.25] == 1
-
-
-def test_count_invalid_adds_n_and_rejects_negative_counts_when_called():
-    pb, tm = _metrics()
-    tm.count_invalid(3)
-    tm.count_invalid(0)
-    tm.count_invalid(2)
-    tm.flush()
-    assert pb.calls("gradtrust_invalid_requests_total") == [("increment", 5.0)]
+@pytest.mark.parametrize("seconds", [-0.1, math.nan, math.inf])
+def test_observe_batch_rejects_the_duration_when_not_finite_and_non_negative(tmp_path, seconds):
+    metrics = TrustMetrics("m", "1", UNCALIBRATED, calibrated=False, directory=tmp_path)
     with pytest.raises(InvalidInputError):
-        tm.count_invalid(-1)
+        metrics.observe_batch([1.0], [0.5], seconds)
 
 
-@pytest.mark.parametrize("threshold", [11.0, math.nan, math.inf])
-def test_trust_metrics_reject_the_threshold_when_above_num_classes_or_not_finite(threshold):
-    with pytest.raises(ConfigError, match="low_trust_threshold"):
-        TrustMetrics(_FakePbUtils(), "m", "1", 10, threshold, flush_seconds=None)
+def test_observe_batch_needs_trust_prob_when_the_model_is_calibrated(tmp_path):
+    metrics = TrustMetrics("m", "1", CALIBRATED_RULE, calibrated=True, directory=tmp_path)
+    with pytest.raises(InvalidInputError, match="TRUST_PROB"):
+        metrics.observe_batch([1.0], [0.5], 0.0)
 
 
-@pytest.mark.parametrize("seconds", [0.0, -1.0, math.nan, math.inf])
-def test_trust_metrics_reject_the_flush_interval_when_not_a_positive_duration(seconds):
-    with pytest.raises(ConfigError, match="flush_seconds"):
-        TrustMetrics(_FakePbUtils(), "m", "1", 10, 5.0, flush_seconds=seconds)
+def test_observe_batch_records_nothing_when_the_batch_is_empty(tmp_path):
+    metrics = TrustMetrics("m", "1", UNCALIBRATED, calibrated=False, directory=tmp_path)
+    metrics.observe_batch(np.empty(0), np.empty(0), 0.001)
+    # A batch whose every request was invalid has no TRUST_PROB either: still no error.
+    calibrated = TrustMetrics("c", "1", CALIBRATED_RULE, calibrated=True, directory=tmp_path)
+    calibrated.observe_batch(np.empty(0), np.empty(0), 0.001, None)
+    assert _value(tmp_path, "gradtrust_predictions_total") == 0
+    assert _value(tmp_path, "gradtrust_trust_compute_seconds_count") == 0
 
 
-@pytest.mark.parametrize("threshold", [0.0, 1.0])
-def test_trust_metrics_count_no_low_trust_when_threshold_is_one_or_less(threshold):
-    # GradTrust is never below 1, so such a threshold turns low-trust counting off.
-    pb, tm = _metrics(threshold=threshold)
-    tm.observe_batch([1.0, 1.5, 9.0], [0.3, 0.5, 0.9], 0.001)
-    tm.flush()
-    assert pb.calls("gradtrust_low_trust_predictions_total") == []
-    les = [m["labels"]["le"] for m in pb.families["gradtrust_trust_bucket"]["metrics"]]
-    assert les == [le_label(e) for e in trust_buckets(10)] + ["+Inf"]
+def test_a_second_writer_for_the_same_model_continues_the_count_when_created_in_one_process(
+    tmp_path,
+):
+    # One process's files hold one value per series: a model re-initialised in the same
+    # process (or a new stub that reuses a dead one's pid) continues, never restarts, it.
+    first = TrustMetrics("m", "1", UNCALIBRATED, calibrated=False, directory=tmp_path)
+    first.observe_batch([1.0, 2.0], [0.5, 0.5], 0.0)
+    second = TrustMetrics("m", "1", UNCALIBRATED, calibrated=False, directory=tmp_path)
+    second.observe_batch([4.0], [0.5], 0.0)
+    assert _value(tmp_path, "gradtrust_predictions_total") == 3
+    assert _value(tmp_path, "gradtrust_trust_count") == 3
 
 
-def test_trust_metrics_keep_serving_and_count_failures_when_the_backend_call_fails(caplog):
-    pb, tm = _metrics()
-    pb.fail = True
-    summary = tm.observe_batch([9.0, 2.0], [0.9, 0.5], 0.001)
-    assert summary.predictions == 2
-    calls = tm.flush()
-    assert calls > 0 and tm.failures == calls
-    assert "metric update failed" in caplog.text
+def _write_in_another_process(directory: Path, n: int) -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "from gradtrust.serving.telemetry import TrustMetrics, LowTrustRule\n"
+        "m = TrustMetrics('m', '1', LowTrustRule('gradtrust', 3.0), False, sys.argv[1])\n"
+        "n = int(sys.argv[2])\n"
+        "m.observe_batch(np.arange(n, dtype=float), np.full(n, 0.5), 0.0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(directory), str(n)], check=True)
 
 
-def test_close_publishes_what_is_pending_then_releases_metrics_before_families_when_finalized():
-    pb, tm = _metrics()
-    tm.observe_batch([9.0], [0.9], 0.001)
-    tm.close()
-    assert pb.total("gradtrust_predictions_total") == 1
-    assert pb.live_metrics == 0
-    assert pb.order_errors == 0
-    tm.close()  # idempotent
-    tm.observe_batch([9.0], [0.9], 0.001)  # a late batch is ignored, not an error
-    tm.observe_heatmap(0.1)
-    tm.count_invalid(1)
-    assert tm.flush() == 0
-    assert pb.total("gradtrust_predictions_total") == 1
+def test_instances_in_separate_processes_add_up_when_the_files_are_merged(tmp_path):
+    _write_in_another_process(tmp_path, 5)
+    _write_in_another_process(tmp_path, 7)
+    assert len(list(tmp_path.glob("histogram_*.db"))) == 2
+    assert _value(tmp_path, "gradtrust_predictions_total") == 12
+    assert _value(tmp_path, "gradtrust_trust_count") == 12
 
 
-def _wait(condition: Any, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
+def test_the_exposition_passes_promtool_when_two_models_and_instances_wrote_it(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed; run `make test-tools`")
+    _write_in_another_process(tmp_path, 5)
+    _write_in_another_process(tmp_path, 9)
+    calibrated = TrustMetrics("c", "2", CALIBRATED_RULE, calibrated=True, directory=tmp_path)
+    calibrated.observe_batch([1.0, 20.0], [0.3, 0.99], 0.001, [0.4, 0.97])
+    calibrated.observe_heatmap(0.01)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    text = generate_latest(registry)
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, check=False
+    )
+    complaints = (check.stdout + check.stderr).decode()
+    assert check.returncode == 0 and not complaints.strip(), complaints
+    assert b"# TYPE gradtrust_trust histogram" in text
+    assert b"# TYPE gradtrust_predictions_total counter" in text
 
 
-def test_the_background_thread_publishes_within_the_flush_interval_when_batches_arrive():
-    pb = _FakePbUtils()
-    tm = TrustMetrics(pb, "mnist", "1", 10, 5.0, flush_seconds=0.05)
-    try:
-        tm.observe_batch([9.0, 2.0], [0.9, 0.5], 0.001)
-        assert _wait(lambda: pb.total("gradtrust_predictions_total") == 2)
-        tm.observe_batch([3.0], [0.5], 0.001)
-        assert _wait(lambda: pb.total("gradtrust_predictions_total") == 3)
-    finally:
-        tm.close()
-    assert not any(t.name.startswith("gradtrust-metrics") for t in threading.enumerate())
-
-
-def test_every_prediction_is_published_exactly_once_when_batches_race_the_flush_thread():
-    pb = _FakePbUtils()
-    tm = TrustMetrics(pb, "mnist", "1", 10, 5.0, flush_seconds=0.001)
-
-    def serve() -> None:
-        for _ in range(200):
-            tm.observe_batch([9.0, 2.0, 4.0], [0.9, 0.5, 0.6], 0.001)
-
-    workers = [threading.Thread(target=serve) for _ in range(4)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    tm.close()
-    assert pb.total("gradtrust_predictions_total") == 2400
-    assert pb.total("gradtrust_low_trust_predictions_total") == 1600
-    assert pb.buckets("gradtrust_trust")[math.inf] == 2400
-    assert pb.total("gradtrust_trust_compute_seconds_count") == 800
+def test_metrics_stay_in_process_and_warn_when_no_directory_is_set(monkeypatch, caplog):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = TrustMetrics("m", "1", UNCALIBRATED, calibrated=False)
+    metrics.observe_batch([1.0, 5.0], [0.5, 0.5], 0.0)
+    assert not metrics.exported
+    assert metrics.predictions == 2
+    assert "gradtrust serve" in caplog.text

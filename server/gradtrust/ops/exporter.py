@@ -44,7 +44,7 @@ from prometheus_client.registry import Collector
 from gradtrust.errors import ServerError
 from gradtrust.ops.processes import process_info
 
-__all__ = ["MULTIPROC_ENV", "TRITON_UP", "PRODUCTION", "MetricsExporter"]
+__all__ = ["METRIC_NAMES", "MULTIPROC_ENV", "PRODUCTION", "TRITON_UP", "MetricsExporter"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TRITON_UP = "gradtrust_triton_up"
 #: 1 when the server runs the production configuration (``gradtrust serve --production``).
 PRODUCTION = "gradtrust_production_mode"
+#: The metrics this exporter adds itself (the stubs' are in gradtrust.serving.telemetry).
+METRIC_NAMES: tuple[str, ...] = (TRITON_UP, PRODUCTION)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")

@@ -70,6 +70,9 @@ class BatchResult:
     confidence: np.ndarray = field(default_factory=lambda: np.empty(0))
     trust_seconds: float = 0.0
     heatmap_seconds: float | None = None
+    #: TRUST_PROB of the same samples when the entry is calibrated (the metrics need it
+    #: for every prediction, whether or not a request asked for it), else None.
+    trust_prob: np.ndarray | None = None
 
 
 class TrustService:
@@ -183,7 +186,10 @@ class TrustService:
         """Forward pass and scores of the accepted requests (``chosen``, at ``accepted``)."""
         needs_features = [_needs_features(r.options) for r in chosen]
         wanted = [LOGITS]
-        if any(needs_features):
+        calibration_needs_features = (
+            self.calibration is not None and self.calibration.needs_features
+        )
+        if any(needs_features) or calibration_needs_features:
             wanted.append(FEATURES)
         if any(r.options.heatmap_method for r in chosen):
             wanted.append(ACTIVATION)
@@ -196,10 +202,11 @@ class TrustService:
         bounds = list(accumulate(sizes, initial=0))
         finite = np.isfinite(logits).all(axis=1)
         trust, conf, pred = _base_scores(logits, finite)
+        prob = self._trust_prob(logits, features, finite)
         failed = _non_finite(needs_features, bounds, finite, features)
         tables = self._score_tables(chosen, sizes, failed, logits, features)
         kinds = {r.outputs for n, r in enumerate(chosen) if n not in failed}
-        picks = self._columns(kinds, trust, conf, pred)
+        picks = self._columns(kinds, trust, conf, pred, prob)
         heatmap_seconds = 0.0
         answered = [False] * len(chosen)
         for n, request in enumerate(chosen):
@@ -245,6 +252,8 @@ class TrustService:
         else:
             ok_rows = np.repeat(np.asarray(answered), sizes)
             result.gradtrust, result.confidence = trust[ok_rows], conf[ok_rows]
+        if prob is not None:
+            result.trust_prob = prob if all(answered) else prob[ok_rows]
 
     def _score_tables(
         self,
@@ -288,12 +297,32 @@ class TrustService:
                 tables[(names, k)] = table
         return tables
 
+    def _trust_prob(
+        self,
+        logits: np.ndarray,
+        features: np.ndarray | None,
+        finite: np.ndarray,
+    ) -> np.ndarray | None:
+        """TRUST_PROB of every sample when the entry is calibrated (NaN where the logits or
+        features are not finite), else None. Computed for the whole batch whether or not a
+        request asked for it: the metrics count every prediction's."""
+        if self.calibration is None:
+            return None
+        ok = finite if features is None else finite & np.isfinite(features).all(axis=1)
+        prob = np.full(len(logits), np.nan)
+        if ok.any():
+            prob[ok] = self.calibration.apply(
+                logits[ok], None if features is None else features[ok]
+            )
+        return prob
+
     def _columns(
         self,
         kinds: set[frozenset[str] | None],
         trust: np.ndarray,
         conf: np.ndarray,
         pred: np.ndarray,
+        prob: np.ndarray | None,
     ) -> dict[frozenset[str] | None, list[tuple[str, np.ndarray]]]:
         """The cheap outputs as (N, 1) columns of the whole batch, each computed only if a
         request wants it; per distinct ``ScoringRequest.outputs`` (``kinds``), the (name,
@@ -311,8 +340,7 @@ class TrustService:
             columns[CONFIDENCE] = conf.astype(np.float32).reshape(-1, 1)
         if needed(GRADTRUST):
             columns[GRADTRUST] = _to_float32(trust).reshape(-1, 1)  # finite, see scores.gradtrust
-        if self.calibration is not None and needed(TRUST_PROB):
-            prob = self.calibration.apply(trust)  # elementwise; NaN (failed) rows stay NaN
+        if prob is not None and needed(TRUST_PROB):
             columns[TRUST_PROB] = prob.astype(np.float32).reshape(-1, 1)
         return {
             kind: [(name, col) for name, col in columns.items() if _named(kind, name)]

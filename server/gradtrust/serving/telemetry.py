@@ -1,91 +1,129 @@
-"""Trust metrics for Prometheus, exported on Triton's own metrics port.
+"""Trust metrics for Prometheus, written by each Python backend stub and served by
+``gradtrust serve``.
 
-The people who rely on these numbers never send a request: they watch dashboards
-and get paged when trust drops. So the metrics follow Prometheus conventions
-(``gradtrust_`` prefix, base units, ``_total`` counters) and carry only the
-``model`` and ``version`` labels, which keeps cardinality bounded.
+The people who rely on these numbers never send a request: they watch dashboards and get
+paged when trust drops. So the metrics follow Prometheus conventions (``gradtrust_``
+prefix, base units, ``_total`` counters, real histograms) and carry only the ``model``
+and ``version`` labels, which keeps cardinality bounded.
 
-Served scores, as the histograms see them:
+How they reach Prometheus. Each model instance runs in its own Python backend stub
+process. Triton's custom-metric API costs one message from the stub to the server per
+value, which held demo throughput down to 55-81 % of plain when histograms were observed
+per prediction (docs/BENCHMARKS.md). So the stubs write prometheus-client's multiprocess
+files instead: ``gradtrust serve`` (:mod:`gradtrust.ops.exporter`) gives tritonserver, and
+so every stub, a ``PROMETHEUS_MULTIPROC_DIR``; each batch adds its counts to this
+process's memory-mapped files there (one 16-byte write per changed series, no message to
+anyone), and the exporter merges the files of every stub, live or dead, on each scrape
+with prometheus-client's own ``MultiProcessCollector``. A stub that is restarted or
+reloaded leaves its files behind, so totals neither reset nor count twice.
 
-- GradTrust ``g`` lies in ``[1, C]`` (C classes); higher = more trust.
-- Normalised GradTrust ``(g - 1) / (C - 1)`` lies in ``[0, 1]``; higher = more trust.
-  It makes models with different class counts comparable on one dashboard.
-- Softmax confidence lies in ``[1/C, 1]``; higher = more trust.
+The files are written with prometheus-client's own ``mmap_dict`` module, loaded on its
+own: importing the ``prometheus_client`` package imports ``ssl``, which the Python
+backend stub of the nvidia-pytriton wheel cannot load (its embedded interpreter lacks a
+symbol that the environment's ``_ssl`` needs), while ``mmap_dict`` needs only the
+standard library. The keys and file names follow prometheus-client's metric classes; the
+unit tests read what this module writes with ``MultiProcessCollector`` and compare it
+with what those classes write for the same observations.
 
-Everything above :class:`TrustMetrics` is pure numpy, so it is unit-tested without
-Triton. :class:`TrustMetrics` takes the ``triton_python_backend_utils`` module as an
-argument instead of importing it, for the same reason.
+Served scores, as the histograms see them (higher = more trust for all three):
 
-Cost: every metric call is a message from the Python backend stub to the server, and
-the Python backend has no bulk ``observe``: histograms of the backend's own kind cost
-one message per prediction per histogram, which measurably cut serving throughput
-(docs/BENCHMARKS.md). So :class:`TrustMetrics` counts in process (:class:`HistogramCounts`)
-and publishes the counts once a second as the counters a Prometheus histogram consists
-of (``_bucket{le}``, ``_sum``, ``_count``): the cost is per flush, not per prediction.
+- ``GRADTRUST``, the logarithm of the counterfactual (contrast) trust, in ``[0, inf)``:
+  0 when the prediction is a coin toss, about ``log 2 - 2 log(1 - p)`` for a confident
+  softmax probability ``p``. Its scale depends on the model (how far its logits spread),
+  so its histogram compares a model with itself over time, not models with each other.
+- ``TRUST_PROB``, the calibrated probability that the prediction is right, in ``[0, 1]``,
+  only for entries with a trust calibration; comparable across models by construction.
+- softmax confidence, in ``[1/C, 1]``.
 """
 
 from __future__ import annotations
 
+import bisect
+import importlib.util
+import json
 import logging
 import math
+import os
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from gradtrust.core.calibration import TrustCalibration
 from gradtrust.errors import ConfigError, InvalidInputError
 
 __all__ = [
     "CONFIDENCE_BUCKETS",
+    "HISTOGRAMS",
     "LABELS",
     "METRIC_NAMES",
-    "NORMALIZED_TRUST_BUCKETS",
     "SECONDS_BUCKETS",
+    "TRUST_BUCKETS",
+    "TRUST_PROBABILITY_BUCKETS",
     "BatchSummary",
-    "HistogramCounts",
+    "LowTrustRule",
     "TrustMetrics",
-    "cumulative_bucket_counts",
-    "le_label",
     "low_trust_mask",
-    "normalize_trust",
+    "low_trust_rule",
     "summarize_batch",
-    "trust_buckets",
 ]
 
 _log = logging.getLogger(__name__)
 
+#: The environment variable that switches prometheus-client to its multiprocess mode.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 TRUST = "gradtrust_trust"
-TRUST_NORMALIZED = "gradtrust_trust_normalized"
+TRUST_PROBABILITY = "gradtrust_trust_probability"
 CONFIDENCE = "gradtrust_confidence"
-PREDICTIONS = "gradtrust_predictions_total"
-LOW_TRUST = "gradtrust_low_trust_predictions_total"
 TRUST_SECONDS = "gradtrust_trust_compute_seconds"
 HEATMAP_SECONDS = "gradtrust_heatmap_compute_seconds"
+PREDICTIONS = "gradtrust_predictions_total"
+LOW_TRUST = "gradtrust_low_trust_predictions_total"
 INVALID = "gradtrust_invalid_requests_total"
+CALIBRATED = "gradtrust_model_calibrated"
+LOW_TRUST_THRESHOLD = "gradtrust_low_trust_threshold"
+#: Introspective (second-stage) predictions served, and those whose class differs from the
+#: feed-forward prediction: their ratio is a shift signal (docs/MONITORING.md).
+INTROSPECTIVE = "gradtrust_introspective_predictions_total"
+INTROSPECTIVE_DISAGREEMENTS = "gradtrust_introspective_disagreements_total"
 
-#: Every metric family this module exports (histograms expose ``_bucket``, ``_sum``, ``_count``).
+#: The histograms (each exposes ``_bucket{le}``, ``_sum`` and ``_count``).
+HISTOGRAMS: tuple[str, ...] = (TRUST, TRUST_PROBABILITY, CONFIDENCE, TRUST_SECONDS, HEATMAP_SECONDS)
+#: Every metric family the stubs export, as named on the endpoint (counters with ``_total``).
 METRIC_NAMES: tuple[str, ...] = (
-    TRUST,
-    TRUST_NORMALIZED,
-    CONFIDENCE,
+    *HISTOGRAMS,
     PREDICTIONS,
     LOW_TRUST,
-    TRUST_SECONDS,
-    HEATMAP_SECONDS,
     INVALID,
+    CALIBRATED,
+    LOW_TRUST_THRESHOLD,
+    INTROSPECTIVE,
+    INTROSPECTIVE_DISAGREEMENTS,
 )
-
-#: The only labels, so a scrape holds one series set per served model version.
+#: The only labels (the threshold gauge adds ``score``, one of two values).
 LABELS: tuple[str, ...] = ("model", "version")
 
-# Trained classifiers put most predictions near full trust, so the normalised and the
-# confidence buckets are dense near 1; a shift of mass out of the top buckets is what the
-# distribution-shift alert sees. Fixed edges keep these histograms comparable across models.
-NORMALIZED_TRUST_BUCKETS: tuple[float, ...] = (
-    0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0,
+# GRADTRUST = log contrast trust: about log 2 - 2 log(1 - p) for a top probability p, so
+# 2 ~ p = 0.5, 5 ~ 0.88, 10 ~ 0.99, 20 ~ 0.99994. Errors live below 10 on the models we
+# measured; the edges are dense there and coarse above, the same for every model so that
+# a model's distribution today compares with its own baseline bucket for bucket.
+TRUST_BUCKETS: tuple[float, ...] = (
+    0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0,
+    30.0, 40.0, 50.0, 75.0, 100.0,
+)  # fmt: skip
+# Trained classifiers put most predictions near full confidence and near P(correct) = 1,
+# so these edges are dense near 1; a shift of mass out of the top buckets is what the
+# dashboards show first.
+TRUST_PROBABILITY_BUCKETS: tuple[float, ...] = (
+    0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995,
+    0.999, 1.0,
 )  # fmt: skip
 CONFIDENCE_BUCKETS: tuple[float, ...] = (
     0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0,
@@ -97,139 +135,230 @@ SECONDS_BUCKETS: tuple[float, ...] = (
     2.5, 5.0, 10.0,
 )  # fmt: skip
 
+Score = Literal["gradtrust", "trust_prob"]
 
-def _nice_edge(value: float) -> float:
-    """Round to at most 3 significant digits whose label Triton prints cleanly.
 
-    Triton writes ``le`` with 16 significant digits, so 8.11 would read
-    ``le="8.109999999999999"``; fewer digits avoid that.
+@dataclass(frozen=True)
+class LowTrustRule:
+    """Which score decides "low trust", and below what value.
+
+    A calibrated entry judges ``TRUST_PROB`` against the threshold its calibration chose
+    (a probability, comparable across models); an uncalibrated one judges ``GRADTRUST``
+    against the config parameter ``low_trust_threshold``. A threshold at or below the
+    score's minimum (0 for both) turns low-trust counting off.
     """
-    for digits in (3, 2, 1):
-        edge = float(f"{value:.{digits}g}")
-        if f"{edge:.16g}" == f"{edge:.{digits}g}":
-            return edge
-    return float(f"{value:.1g}")
+
+    score: Score
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if self.score not in ("gradtrust", "trust_prob"):
+            raise ConfigError(f"low trust is judged on gradtrust or trust_prob, not {self.score!r}")
+        if not math.isfinite(self.threshold):
+            raise ConfigError(
+                f"the low-trust threshold must be a finite number, got {self.threshold!r}: set "
+                "the config parameter low_trust_threshold (or re-run `gradtrust calibrate`)"
+            )
+        if self.score == "trust_prob" and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(
+                f"a low-trust threshold on TRUST_PROB is a probability, got {self.threshold!r}: "
+                "re-run `gradtrust calibrate`"
+            )
 
 
-def trust_buckets(
-    num_classes: int, count: int = 12, threshold: float | None = None
-) -> tuple[float, ...]:
-    """Upper bucket edges for raw GradTrust in ``[1, C]``: ``count`` log-spaced edges.
+def low_trust_mask(values: npt.ArrayLike, threshold: float) -> npt.NDArray[np.bool_]:
+    """True where a prediction counts as low trust: its score below ``threshold``.
 
-    Log spacing gives resolution near 1, where low-trust predictions live (the
-    normalised histogram resolves the crowded top end). The low-trust ``threshold``,
-    if given and inside ``(1, C)``, becomes an exact edge, so ``le="<threshold>"``
-    counts the predictions at or below it. The last edge is ``C`` itself: every valid
-    GradTrust lands in a finite bucket.
+    A non-finite score carries no evidence of trust, so it counts as low trust too.
     """
-    _check_num_classes(num_classes)
-    if count < 2:
-        raise ConfigError(f"need at least 2 trust buckets, got {count}; pass count >= 2")
-    top = float(num_classes)
-    edges = {_nice_edge(float(v)) for v in np.geomspace(1.0, top, count)[:-1]}
-    edges.add(top)
-    if threshold is not None and 1.0 < threshold < top:
-        edges.add(float(threshold))
-    return tuple(sorted(e for e in edges if e <= top))
-
-
-def normalize_trust(gradtrust: npt.ArrayLike, num_classes: int) -> npt.NDArray[np.float64]:
-    """Map GradTrust from ``[1, C]`` to ``(g - 1) / (C - 1)`` in ``[0, 1]``; higher = more trust.
-
-    Values a hair outside the range from rounding are clipped; non-finite values stay
-    non-finite, so callers can tell them apart.
-    """
-    _check_num_classes(num_classes)
-    g = np.asarray(gradtrust, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        normalized = (g - 1.0) / float(num_classes - 1)
-    return np.where(np.isfinite(normalized), np.clip(normalized, 0.0, 1.0), normalized)
-
-
-def low_trust_mask(gradtrust: npt.ArrayLike, threshold: float) -> npt.NDArray[np.bool_]:
-    """True where a prediction counts as low trust: GradTrust below ``threshold``.
-
-    A non-finite GradTrust carries no evidence of trust, so it counts as low trust too.
-    """
-    g = np.asarray(gradtrust, dtype=np.float64)
-    finite = np.isfinite(g)
-    return np.logical_or(~finite, np.where(finite, g, np.inf) < threshold)
-
-
-def cumulative_bucket_counts(
-    values: npt.ArrayLike, upper_bounds: Sequence[float]
-) -> dict[float, int]:
-    """Prometheus-style cumulative bucket counts: how many ``values`` are ``<= le``.
-
-    The ``+Inf`` bucket is included. Useful to predict what a histogram will show
-    after a known set of observations.
-    """
-    v = np.asarray(values, dtype=np.float64).ravel()
-    counts = {float(le): int(np.count_nonzero(v <= le)) for le in upper_bounds}
-    counts[math.inf] = int(v.size)
-    return counts
+    v = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(v)
+    return np.logical_or(~finite, np.where(finite, v, np.inf) < threshold)
 
 
 @dataclass(frozen=True)
 class BatchSummary:
-    """What one batch contributes to the metrics; ``*_values`` exclude non-finite scores."""
+    """What one batch contributes; ``*_values`` hold the finite scores only (a NaN in a
+    histogram's ``_sum`` would poison it until the next restart)."""
 
     predictions: int
     low_trust: int
     trust_values: npt.NDArray[np.float64]
-    normalized_values: npt.NDArray[np.float64]
     confidence_values: npt.NDArray[np.float64]
+    trust_prob_values: npt.NDArray[np.float64] | None
+
+
+def _one_per_sample(name: str, values: npt.ArrayLike, size: int | None) -> npt.NDArray[np.float64]:
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or (size is not None and v.size != size):
+        raise InvalidInputError(
+            f"{name} must be a 1-D array with one value per prediction"
+            + (f" ({size})" if size is not None else "")
+            + f", got shape {v.shape}"
+        )
+    return v
+
+
+def _finite(v: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    finite = np.isfinite(v)
+    return v if finite.all() else v[finite]
 
 
 def summarize_batch(
     gradtrust: npt.ArrayLike,
     confidence: npt.ArrayLike,
-    num_classes: int,
-    low_trust_threshold: float,
+    rule: LowTrustRule,
+    trust_prob: npt.ArrayLike | None = None,
 ) -> BatchSummary:
     """Reduce one batch of per-sample scores to counter increments and histogram values.
 
-    Non-finite scores are counted (as predictions, and as low trust) but never
-    observed: one NaN in a histogram's ``_sum`` would poison it until the next restart.
+    ``trust_prob`` is required when ``rule`` judges TRUST_PROB. Non-finite scores are
+    counted (as predictions, and as low trust when they are the judged score) but never
+    observed.
     """
-    g = np.asarray(gradtrust, dtype=np.float64)
-    p = np.asarray(confidence, dtype=np.float64)
-    if g.ndim != 1 or p.ndim != 1 or g.shape != p.shape:
-        raise InvalidInputError(
-            "gradtrust and confidence must be 1-D arrays with one value per prediction, got "
-            f"shapes {g.shape} and {p.shape}; pass one score per sample of the batch"
-        )
-    normalized = normalize_trust(g, num_classes)
-    finite_g = np.isfinite(g)
+    g = _one_per_sample("gradtrust", gradtrust, None)
+    p = _one_per_sample("confidence", confidence, g.size)
+    q = None if trust_prob is None else _one_per_sample("trust_prob", trust_prob, g.size)
+    if rule.score == "trust_prob" and q is None:
+        raise InvalidInputError("low trust is judged on TRUST_PROB, but none was passed")
+    judged = q if rule.score == "trust_prob" and q is not None else g
     return BatchSummary(
         predictions=int(g.size),
-        low_trust=int(np.count_nonzero(low_trust_mask(g, low_trust_threshold))),
-        trust_values=g[finite_g],
-        normalized_values=normalized[finite_g],
-        confidence_values=p[np.isfinite(p)],
+        low_trust=int(np.count_nonzero(low_trust_mask(judged, rule.threshold))),
+        trust_values=_finite(g),
+        confidence_values=_finite(p),
+        trust_prob_values=None if q is None else _finite(q),
     )
 
 
-def _check_num_classes(num_classes: int) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-        raise ConfigError(f"num_classes must be an integer, got {num_classes!r}")
-    if num_classes < 2:
+def _load_mmap_dict() -> ModuleType:
+    """prometheus-client's ``mmap_dict`` module, without importing its package (see the
+    module docstring)."""
+    loaded = sys.modules.get("prometheus_client.mmap_dict")
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.find_spec("prometheus_client")
+    if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            f"GradTrust needs at least 2 classes, got num_classes={num_classes}; "
-            "check the classifier's output dimension"
+            "prometheus-client is not installed, so no gradtrust_* metrics can be written: "
+            "pip install 'gradtrust-serve[server]'"
         )
+    path = Path(next(iter(spec.submodule_search_locations))) / "mmap_dict.py"
+    module_spec = importlib.util.spec_from_file_location("_gradtrust_prometheus_mmap", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ConfigError(f"cannot load {path}: reinstall prometheus-client")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
-def _check_threshold(threshold: float, num_classes: int) -> float:
-    """A GradTrust value of at most C; 1 or less turns low-trust counting off (g >= 1)."""
-    value = float(threshold)
-    if not (math.isfinite(value) and value <= num_classes):
-        raise ConfigError(
-            f"low_trust_threshold must be a finite GradTrust value of at most {num_classes} "
-            f"(the number of classes), got {threshold!r}; set the model config parameter "
-            f"low_trust_threshold in [1, {num_classes}] (1 or less turns low-trust counting off)"
-        )
-    return value
+def _le(edge: float) -> str:
+    """An upper edge as prometheus-client writes ``le`` (Python's shortest repr; +Inf)."""
+    return "+Inf" if math.isinf(edge) else repr(float(edge))
+
+
+class _Files:
+    """This process's metric files in one directory, one per kind, as prometheus-client
+    names them (``counter_<pid>.db``, ``histogram_<pid>.db``, ``gauge_livemax_<pid>.db``).
+
+    Shared by every :class:`TrustMetrics` of the process: two writers of one file would
+    each track its length and overwrite each other's entries.
+    """
+
+    _lock = threading.Lock()
+    _open: dict[str, Any] = {}
+
+    @classmethod
+    def get(cls, directory: str, kind: str) -> Any:
+        path = os.path.join(directory, f"{kind}_{os.getpid()}.db")
+        with cls._lock:
+            file = cls._open.get(path)
+            if file is None:
+                file = cls._open[path] = _load_mmap_dict().MmapedDict(path)
+            return file
+
+
+class _Series:
+    """One sample series: its value in this process, mirrored into this process's file.
+
+    Increments are written through at once (16 bytes at a fixed place of a shared memory
+    map, which a reader sees whole), so a scrape is current after every batch and a stub
+    that dies loses nothing. Without a directory the value stays in memory.
+    """
+
+    __slots__ = ("_file", "_key", "value")
+
+    def __init__(self, file: Any, key: str) -> None:
+        self._file, self._key = file, key
+        self.value = 0.0
+        if file is not None:
+            with _Files._lock:
+                self.value = float(file.read_value(key)[0])  # a reused pid continues
+
+    def inc(self, amount: float) -> None:
+        self.set(self.value + amount)
+
+    def set(self, value: float) -> None:
+        self.value = value
+        if self._file is not None:
+            with _Files._lock:
+                self._file.write_value(self._key, value, 0.0)
+
+
+class _Family:
+    """Creates the series of one metric family as prometheus-client's classes would."""
+
+    def __init__(
+        self, directory: str | None, kind: str, name: str, doc: str, labels: dict[str, str]
+    ) -> None:
+        self._file = None if directory is None else _Files.get(directory, kind)
+        self.name, self.doc, self.labels = name, doc, labels
+
+    def series(self, sample: str, **extra: str) -> _Series:
+        labels = {**self.labels, **extra}
+        key = json.dumps([self.name, sample, labels, self.doc], sort_keys=True)
+        return _Series(self._file, key)
+
+
+class _Histogram:
+    """A classic histogram: one series per bucket (not cumulative: the reader sums them
+    and derives ``_count``), and ``_sum``. A batch costs one write per non-empty bucket
+    plus one for the sum, however many values it holds."""
+
+    _SMALL = 16  # up to this many values, a Python loop beats numpy's call overhead
+
+    def __init__(
+        self,
+        directory: str | None,
+        name: str,
+        doc: str,
+        labels: dict[str, str],
+        edges: Sequence[float],
+    ) -> None:
+        family = _Family(directory, "histogram", name, doc, labels)
+        self.edges = [float(e) for e in edges]
+        self._array = np.asarray(self.edges)
+        self.buckets = [family.series(f"{name}_bucket", le=_le(e)) for e in (*self.edges, math.inf)]
+        self.sum = family.series(f"{name}_sum")
+
+    def add(self, values: npt.NDArray[np.float64]) -> None:
+        """Observe finite values (a NaN would poison ``_sum``: callers drop them)."""
+        if values.size == 0:
+            return
+        if values.size <= self._SMALL:
+            counts: dict[int, int] = {}
+            for v in values.tolist():
+                i = bisect.bisect_left(self.edges, v)  # the first edge >= v: le is inclusive
+                counts[i] = counts.get(i, 0) + 1
+            for i, n in counts.items():
+                self.buckets[i].inc(n)
+        else:
+            per_bucket = np.bincount(
+                np.searchsorted(self._array, values, side="left"), minlength=len(self.buckets)
+            )
+            for i in np.flatnonzero(per_bucket).tolist():
+                self.buckets[i].inc(int(per_bucket[i]))
+        self.sum.inc(float(values.sum()))
 
 
 def _check_seconds(seconds: float, what: str) -> float:
@@ -239,275 +368,184 @@ def _check_seconds(seconds: float, what: str) -> float:
     return value
 
 
-def le_label(edge: float) -> str:
-    """An upper edge as the ``le`` label writes it: ``+Inf``, else up to 16 significant digits
-    without trailing zeros (``1``, ``0.1``, ``8.24``), as Triton's own histograms print it."""
-    return "+Inf" if math.isinf(edge) and edge > 0 else f"{float(edge):.16g}"
-
-
-class HistogramCounts:
-    """The state of a Prometheus classic histogram, accumulated in this process.
-
-    Adding a batch is two numpy calls, whatever its size; :meth:`take` hands the counts
-    over (and starts afresh), so they can be sent to Triton as a few counter increments
-    per flush instead of one message per observation.
-    """
-
-    def __init__(self, edges: Sequence[float]) -> None:
-        e = np.asarray(edges, dtype=np.float64)
-        if e.ndim != 1 or e.size == 0 or not np.isfinite(e).all() or np.any(np.diff(e) <= 0):
-            raise ConfigError(
-                f"histogram edges must be finite and strictly increasing, got {list(edges)!r}"
-            )
-        self.edges = e
-        #: Observations per bucket, not cumulative; the last one is (largest edge, +Inf].
-        self.buckets = np.zeros(e.size + 1, dtype=np.int64)
-        self.total = 0.0
-
-    @property
-    def count(self) -> int:
-        return int(self.buckets.sum())
-
-    def add(self, values: npt.ArrayLike) -> None:
-        """Observe finite values (the caller drops non-finite ones: a NaN would poison ``_sum``)."""
-        v = np.asarray(values, dtype=np.float64).ravel()
-        if v.size == 0:
-            return
-        # Bucket i holds edges[i-1] < v <= edges[i]: the first edge >= v.
-        self.buckets += np.bincount(
-            np.searchsorted(self.edges, v, side="left"), minlength=self.buckets.size
-        )
-        self.total += float(v.sum())
-
-    def cumulative(self) -> npt.NDArray[np.int64]:
-        """Counts at or below each edge, then the ``+Inf`` bucket (= :attr:`count`)."""
-        return np.cumsum(self.buckets)
-
-    def take(self) -> HistogramCounts:
-        """Everything added so far, as a new object; this one starts again from zero."""
-        taken = HistogramCounts.__new__(HistogramCounts)
-        taken.edges, taken.buckets, taken.total = self.edges, self.buckets, self.total
-        self.buckets = np.zeros_like(taken.buckets)
-        self.total = 0.0
-        return taken
-
-
-class _ExportedHistogram:
-    """One histogram as Triton counters ``<name>_bucket{le=...}``, ``<name>_sum``, ``<name>_count``.
-
-    These are exactly the series a Prometheus classic histogram exposes, so PromQL
-    (``histogram_quantile``, ``rate(..._sum) / rate(..._count)``) reads them unchanged; only
-    the ``# TYPE`` lines say counter. Counters rather than the backend's histogram kind
-    because those take one value per message, and these take a whole flush's counts.
-    """
-
-    def __init__(
-        self,
-        counter: Any,
-        name: str,
-        description: str,
-        edges: Sequence[float],
-        labels: dict[str, str],
-    ) -> None:
-        self.pending = HistogramCounts(edges)
-        bucket = counter(f"{name}_bucket", f"{description} (histogram bucket: observations <= le)")
-        self.buckets = [
-            bucket.Metric(labels={**labels, "le": le_label(le)})
-            for le in (*self.pending.edges.tolist(), math.inf)
-        ]
-        self.sum = counter(f"{name}_sum", f"{description} (histogram sum)").Metric(labels=labels)
-        self.count = counter(f"{name}_count", f"{description} (histogram count)").Metric(
-            labels=labels
-        )
-
-    def updates(self, taken: HistogramCounts) -> list[tuple[Any, float]]:
-        """The counter increments that publish ``taken`` (none for an empty one)."""
-        if taken.count == 0:
-            return []
-        calls = [
-            (metric.increment, float(n))
-            for metric, n in zip(self.buckets, taken.cumulative().tolist(), strict=True)
-            if n
-        ]
-        return [
-            *calls,
-            (self.sum.increment, taken.total),
-            (self.count.increment, float(taken.count)),
-        ]
-
-
 class TrustMetrics:
-    """The gradtrust_* metrics of one served model version, for the Python backend.
+    """The gradtrust_* metrics of one served model instance.
 
-    Create it once in ``initialize`` and :meth:`close` it in ``finalize``. Recording a
-    batch only adds to in-process counts (microseconds, no message to the server); a
-    background thread publishes them every ``flush_seconds``, so monitoring costs a few
-    dozen backend calls per second however many predictions are served, and the endpoint
-    lags the predictions by at most that interval. Publishing is best effort: a failed
-    call is logged and counted in :attr:`failures`, never raised, because losing a sample
-    of monitoring must not fail a prediction.
+    Create it once in ``initialize``. Each batch updates the metrics directly: in a stub
+    started by ``gradtrust serve`` that is a write to this process's memory-mapped files,
+    read by the exporter on the next scrape, so the endpoint is current after every batch
+    and nothing is lost when the stub dies. ``directory`` defaults to
+    ``$PROMETHEUS_MULTIPROC_DIR``; without one (tritonserver started some other way) the
+    values stay in this process and a warning says how to export them.
     """
 
     def __init__(
         self,
-        pb_utils: Any,
         model: str,
         version: str,
-        num_classes: int,
-        low_trust_threshold: float,
-        flush_seconds: float | None = 1.0,
+        rule: LowTrustRule,
+        calibrated: bool,
+        directory: str | os.PathLike[str] | None = None,
     ) -> None:
-        _check_num_classes(num_classes)
-        self.num_classes = int(num_classes)
-        self.low_trust_threshold = _check_threshold(low_trust_threshold, self.num_classes)
-        if flush_seconds is not None and not (math.isfinite(flush_seconds) and flush_seconds > 0):
+        self.rule = rule
+        self.calibrated = bool(calibrated)
+        if rule.score == "trust_prob" and not self.calibrated:
+            raise ConfigError("low trust on TRUST_PROB needs a calibrated entry")
+        where = directory if directory is not None else os.environ.get(MULTIPROC_ENV)
+        self.directory = str(where) if where else None
+        if self.directory is not None and not os.path.isdir(self.directory):
             raise ConfigError(
-                f"flush_seconds must be a positive number of seconds or None, got {flush_seconds!r}"
+                f"the metrics directory {self.directory} (${MULTIPROC_ENV}) does not exist: "
+                "start the server with `gradtrust serve`, which creates it"
             )
-        self.flush_seconds = flush_seconds
-        self.labels = {"model": str(model), "version": str(version)}
-        self.failures = 0
-        self._closed = False
-        self._lock = threading.Lock()  # guards the pending counts
-        self._flush_lock = threading.Lock()  # one flush at a time
-        family = pb_utils.MetricFamily
-        self._families: list[Any] = []
+        labels = {"model": str(model), "version": str(version)}
 
-        def counter(name: str, description: str) -> Any:
-            fam = family(name=name, description=description, kind=family.COUNTER)
-            self._families.append(fam)
-            return fam
+        def histogram(name: str, doc: str, edges: Sequence[float]) -> _Histogram:
+            return _Histogram(self.directory, name, doc, labels, edges)
 
-        def histogram(name: str, description: str, edges: Sequence[float]) -> _ExportedHistogram:
-            return _ExportedHistogram(counter, name, description, edges, self.labels)
+        def counter(name: str, doc: str) -> _Series:
+            family = _Family(self.directory, "counter", name.removesuffix("_total"), doc, labels)
+            return family.series(name)
 
-        self._histograms: dict[str, _ExportedHistogram] = {
-            TRUST: histogram(
-                TRUST,
-                "GradTrust of each prediction, in [1, number of classes]; higher = more trust",
-                trust_buckets(self.num_classes, threshold=self.low_trust_threshold),
-            ),
-            TRUST_NORMALIZED: histogram(
-                TRUST_NORMALIZED,
-                "GradTrust of each prediction rescaled to [0, 1] as (g-1)/(C-1); "
-                "higher = more trust",
-                NORMALIZED_TRUST_BUCKETS,
-            ),
-            CONFIDENCE: histogram(
-                CONFIDENCE,
-                "Softmax confidence (top-class probability) of each prediction",
-                CONFIDENCE_BUCKETS,
-            ),
-            TRUST_SECONDS: histogram(
-                TRUST_SECONDS, "Seconds spent computing trust scores, per batch", SECONDS_BUCKETS
-            ),
-            HEATMAP_SECONDS: histogram(
-                HEATMAP_SECONDS,
-                "Seconds spent computing explanation heatmaps, per batch",
-                SECONDS_BUCKETS,
-            ),
-        }
-        self._counters: dict[str, Any] = {
-            name: counter(name, description).Metric(labels=self.labels)
-            for name, description in (
-                (PREDICTIONS, "Predictions served with a trust score"),
-                (LOW_TRUST, "Predictions with GradTrust below the model's low_trust_threshold"),
-                (INVALID, "Requests rejected as invalid input"),
+        self._trust = histogram(
+            TRUST,
+            "GRADTRUST of each prediction: log of the counterfactual trust, >= 0; "
+            "higher = more trust",
+            TRUST_BUCKETS,
+        )
+        self._confidence = histogram(
+            CONFIDENCE,
+            "Softmax confidence (top-class probability) of each prediction",
+            CONFIDENCE_BUCKETS,
+        )
+        self._trust_prob = (
+            histogram(
+                TRUST_PROBABILITY,
+                "TRUST_PROB of each prediction: calibrated probability that it is correct",
+                TRUST_PROBABILITY_BUCKETS,
             )
-        }
-        self._pending_counts = dict.fromkeys(self._counters, 0)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if flush_seconds is not None:
-            self._thread = threading.Thread(
-                target=self._flush_periodically, name=f"gradtrust-metrics-{model}", daemon=True
+            if self.calibrated
+            else None
+        )
+        self._trust_seconds = histogram(
+            TRUST_SECONDS, "Seconds spent computing trust scores, per batch", SECONDS_BUCKETS
+        )
+        self._heatmap_seconds = histogram(
+            HEATMAP_SECONDS,
+            "Seconds spent computing explanation heatmaps, per batch",
+            SECONDS_BUCKETS,
+        )
+        self._predictions = counter(PREDICTIONS, "Predictions served with a trust score")
+        self._low_trust = counter(
+            LOW_TRUST,
+            "Predictions below the model's low-trust threshold (on TRUST_PROB when the "
+            "model is calibrated, else on GRADTRUST)",
+        )
+        self._invalid = counter(INVALID, "Requests rejected as invalid input")
+        self._introspective = counter(
+            INTROSPECTIVE, "Introspective (second-stage) predictions served on request"
+        )
+        self._disagreements = counter(
+            INTROSPECTIVE_DISAGREEMENTS,
+            "Introspective predictions whose class differs from the feed-forward prediction",
+        )
+        # "live" gauges: the exporter drops a stub's values once the stub is gone, so an
+        # unloaded or replaced model stops reporting its old state.
+        _Family(
+            self.directory,
+            "gauge_livemax",
+            CALIBRATED,
+            "1 if the model serves calibrated trust (TRUST_PROB, low trust judged on it), else 0",
+            labels,
+        ).series(CALIBRATED).set(1.0 if self.calibrated else 0.0)
+        _Family(
+            self.directory,
+            "gauge_livemax",
+            LOW_TRUST_THRESHOLD,
+            "Below this value of the score named by 'score' a prediction counts as low trust",
+            labels,
+        ).series(LOW_TRUST_THRESHOLD, score=rule.score).set(rule.threshold)
+        if self.directory is None:
+            _log.warning(
+                "%s v%s: $%s is not set, so the gradtrust_* metrics stay inside this process; "
+                "serve with `gradtrust serve` to export them",
+                model,
+                version,
+                MULTIPROC_ENV,
             )
-            self._thread.start()
+
+    @property
+    def exported(self) -> bool:
+        """Whether the metrics reach the exporter (a metrics directory is set)."""
+        return self.directory is not None
+
+    @property
+    def predictions(self) -> int:
+        """Predictions this instance counted (in this process)."""
+        return int(self._predictions.value)
 
     def observe_batch(
-        self, gradtrust: npt.ArrayLike, confidence: npt.ArrayLike, trust_seconds: float
+        self,
+        gradtrust: npt.ArrayLike,
+        confidence: npt.ArrayLike,
+        trust_seconds: float,
+        trust_prob: npt.ArrayLike | None = None,
     ) -> BatchSummary:
         """Record the scores of one batch and the seconds spent computing its trust.
 
-        An empty batch records nothing. Returns what was recorded.
+        ``trust_prob`` (one per prediction) is needed when the model is calibrated. An
+        empty batch records nothing. Returns what was recorded.
         """
         seconds = _check_seconds(trust_seconds, "trust_seconds")
-        summary = summarize_batch(gradtrust, confidence, self.num_classes, self.low_trust_threshold)
+        if np.size(gradtrust) == 0:  # every request of the batch was rejected
+            empty = np.empty(0)
+            return BatchSummary(0, 0, empty, empty, None)
+        if self.calibrated and trust_prob is None:
+            raise InvalidInputError("a calibrated model's metrics need TRUST_PROB per prediction")
+        summary = summarize_batch(
+            gradtrust, confidence, self.rule, trust_prob if self.calibrated else None
+        )
         if summary.predictions == 0:
             return summary
-        with self._lock:
-            if self._closed:
-                return summary
-            self._pending_counts[PREDICTIONS] += summary.predictions
-            self._pending_counts[LOW_TRUST] += summary.low_trust
-            self._histograms[TRUST].pending.add(summary.trust_values)
-            self._histograms[TRUST_NORMALIZED].pending.add(summary.normalized_values)
-            self._histograms[CONFIDENCE].pending.add(summary.confidence_values)
-            self._histograms[TRUST_SECONDS].pending.add([seconds])
+        self._trust.add(summary.trust_values)
+        self._confidence.add(summary.confidence_values)
+        if self._trust_prob is not None and summary.trust_prob_values is not None:
+            self._trust_prob.add(summary.trust_prob_values)
+        self._trust_seconds.add(np.array([seconds]))
+        if summary.low_trust:
+            self._low_trust.inc(summary.low_trust)
+        # Last: a scrape between these writes sees predictions_total <= each _count.
+        self._predictions.inc(summary.predictions)
         return summary
 
     def observe_heatmap(self, seconds: float) -> None:
         """Record the seconds spent computing the heatmaps of one batch."""
-        value = _check_seconds(seconds, "heatmap seconds")
-        with self._lock:
-            if not self._closed:
-                self._histograms[HEATMAP_SECONDS].pending.add([value])
+        self._heatmap_seconds.add(np.array([_check_seconds(seconds, "heatmap seconds")]))
 
     def count_invalid(self, n: int = 1) -> None:
         """Count ``n`` requests rejected as invalid input."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise InvalidInputError(f"count_invalid needs a non-negative integer, got {n!r}")
-        with self._lock:
-            if not self._closed:
-                self._pending_counts[INVALID] += int(n)
+        if n:
+            self._invalid.inc(int(n))
 
-    def flush(self) -> int:
-        """Publish everything recorded since the last flush; returns the backend calls made.
+    def count_introspection(self, predictions: int, disagreements: int) -> None:
+        """Count one batch's introspective predictions and how many disagree with the
+        feed-forward class (two writes per batch that asked for introspection)."""
+        if not 0 <= disagreements <= predictions:
+            raise InvalidInputError(
+                f"disagreements ({disagreements}) must lie in 0..predictions ({predictions})"
+            )
+        if disagreements:
+            self._disagreements.inc(int(disagreements))
+        if predictions:  # last, as in observe_batch: a scrape never sees more disagreements
+            self._introspective.inc(int(predictions))
 
-        Called by the background thread, by :meth:`close`, and by anyone who needs the
-        endpoint current now (tests, or ``flush_seconds=None``).
-        """
-        with self._flush_lock:
-            with self._lock:
-                taken = {name: h.pending.take() for name, h in self._histograms.items()}
-                counts, self._pending_counts = (
-                    self._pending_counts,
-                    dict.fromkeys(self._pending_counts, 0),
-                )
-            calls = [(self._counters[name].increment, float(n)) for name, n in counts.items() if n]
-            for name, histogram in self._histograms.items():
-                calls += histogram.updates(taken[name])
-            for method, value in calls:
-                self._call(method, value)
-            return len(calls)
 
-    def close(self) -> None:
-        """Stop the flush thread, publish what is pending, then release the metrics before
-        their families (the backend requires that order). Idempotent."""
-        if self._closed:
-            return
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30.0)
-        self.flush()
-        with self._lock:
-            self._closed = True
-        self._counters.clear()
-        self._histograms.clear()
-        self._families.clear()
-
-    def _flush_periodically(self) -> None:
-        interval = cast(float, self.flush_seconds)
-        while not self._stop.wait(interval):
-            try:
-                self.flush()
-            except Exception as err:  # noqa: BLE001 - the thread must outlive any one flush
-                _log.warning("gradtrust metrics flush failed: %s", err)
-
-    def _call(self, method: Any, value: float) -> None:
-        try:
-            method(value)
-        except Exception as err:  # noqa: BLE001 - monitoring must never fail a prediction
-            self.failures += 1
-            if self.failures == 1 or self.failures % 1000 == 0:
-                _log.warning("gradtrust metric update failed (%d so far): %s", self.failures, err)
+def low_trust_rule(calibration: TrustCalibration | None, config_threshold: float) -> LowTrustRule:
+    """The rule a served entry counts low trust by: TRUST_PROB below the calibration's
+    threshold when the entry is calibrated, else GRADTRUST below the config parameter
+    ``low_trust_threshold`` (which then has the model's own, uncalibrated scale)."""
+    if calibration is None:
+        return LowTrustRule("gradtrust", float(config_threshold))
+    return LowTrustRule("trust_prob", float(calibration.low_trust_threshold))

@@ -35,7 +35,7 @@ from gradtrust.serving.service import (
     TrustService,
 )
 from gradtrust.serving.settings import ModelSettings, RequestOptions, parse_request
-from gradtrust.serving.telemetry import TrustMetrics
+from gradtrust.serving.telemetry import TrustMetrics, low_trust_rule
 
 
 #: Seconds between two log lines about invalid requests (or about one kind of bug): a
@@ -154,14 +154,15 @@ class TritonPythonModel:
         self.all_outputs = frozenset(self.output_dtypes)
         self.plain_options: dict[tuple[bool, bool], RequestOptions] = {}
         self.log_throttle = LogThrottle()
-        self.metrics: TrustMetrics | None = TrustMetrics(
-            pb_utils,
-            model=self.model_name,
-            version=self.model_version,
-            num_classes=classifier.num_classes,
-            low_trust_threshold=settings.low_trust_threshold,
-            flush_seconds=settings.metrics_flush_seconds,
-        )
+        try:
+            self.metrics = TrustMetrics(
+                model=self.model_name,
+                version=self.model_version,
+                rule=low_trust_rule(self.service.calibration, settings.low_trust_threshold),
+                calibrated=self.service.calibration is not None,
+            )
+        except GradTrustError as err:
+            raise pb_utils.TritonModelException(f"{self.model_name}: {err}") from err
         pb_utils.Logger.log_info(
             f"{self.model_name} v{self.model_version}: {classifier.num_classes} classes, "
             f"providers {classifier.providers}, heatmaps "
@@ -234,6 +235,7 @@ class TritonPythonModel:
         answers: list[Any] = []  # outputs, InvalidInputError or _InternalError
         result = BatchResult(answers=answers)
         gradtrust, confidence = [result.gradtrust], [result.confidence]
+        trust_prob = [] if self.service.calibration is None else [np.empty(0)]
         for request in requests:
             try:
                 one = self.service.run([request])
@@ -244,11 +246,14 @@ class TritonPythonModel:
             answers.extend(one.answers)
             gradtrust.append(one.gradtrust)
             confidence.append(one.confidence)
+            if one.trust_prob is not None:
+                trust_prob.append(one.trust_prob)
             result.trust_seconds += one.trust_seconds
             if one.heatmap_seconds is not None:
                 result.heatmap_seconds = (result.heatmap_seconds or 0.0) + one.heatmap_seconds
         result.gradtrust = np.concatenate(gradtrust)
         result.confidence = np.concatenate(confidence)
+        result.trust_prob = np.concatenate(trust_prob) if trust_prob else None
         return result
 
     def _log_bug(self, what: str, err: Exception) -> None:
@@ -292,13 +297,17 @@ class TritonPythonModel:
             answers[i] = error
         for i, answer in zip(good, batch.answers, strict=True):
             answers[i] = answer
-        if self.metrics is not None:
-            self.metrics.observe_batch(batch.gradtrust, batch.confidence, batch.trust_seconds)
+        try:  # monitoring must never cost a prediction its answer
+            self.metrics.observe_batch(
+                batch.gradtrust, batch.confidence, batch.trust_seconds, batch.trust_prob
+            )
             if batch.heatmap_seconds is not None:
                 self.metrics.observe_heatmap(batch.heatmap_seconds)
             invalid = sum(isinstance(a, InvalidInputError) for a in answers)
             if invalid:
                 self.metrics.count_invalid(invalid)
+        except Exception as err:
+            self._log_bug("the batch's metrics", err)
         rejected = [a for a in answers if isinstance(a, InvalidInputError)]
         if rejected:
             self._log_invalid(rejected)
@@ -327,6 +336,6 @@ class TritonPythonModel:
         return pb_utils.Tensor(name, value)
 
     def finalize(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
+        # Nothing to flush: every batch's metrics are already in this stub's metrics file,
+        # which the exporter keeps reading after the stub is gone.
+        pass
