@@ -71,7 +71,11 @@ def _predict(client: TrustClient, args: argparse.Namespace) -> int:
     if args.scores is not None:
         scores = [s for s in args.scores.split(",") if s.strip()] or True
     predictions = client.predict(
-        images, scores=scores, contrast_k=args.contrast_k, trust_prob=args.trust_prob
+        images,
+        scores=scores,
+        contrast_k=args.contrast_k,
+        trust_prob=args.trust_prob,
+        introspect=args.introspect,
     )
     if args.json:
         rows = [{"file": name, **asdict(p)} for name, p in zip(names, predictions, strict=True)]
@@ -127,6 +131,8 @@ def _table(names: Sequence[str], predictions: Sequence[Prediction]) -> str:
     score_names = list(predictions[0].scores or {}) if predictions else []
     with_prob = bool(predictions) and predictions[0].trust_prob is not None
     header = ["file", "label", "confidence", "gradtrust", *(["trust_prob"] if with_prob else [])]
+    second = bool(predictions) and predictions[0].introspection is not None
+    header += ["introspective", "intro_conf", "agrees"] if second else []
     header += score_names
     rows = [header]
     for name, p in zip(names, predictions, strict=True):
@@ -134,6 +140,12 @@ def _table(names: Sequence[str], predictions: Sequence[Prediction]) -> str:
         rows.append(
             [name, p.label, f"{p.confidence:.4f}", f"{p.gradtrust:.3f}"]
             + ([f"{p.trust_prob:.4f}"] if with_prob else [])
+            + (
+                [p.introspection.label, f"{p.introspection.confidence:.4f}"]
+                + ["yes" if p.introspection.agrees else "NO"]
+                if p.introspection is not None
+                else []
+            )
             + [f"{scores[s]:.4g}" for s in score_names]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -222,6 +234,12 @@ def _parser() -> argparse.ArgumentParser:
         "--trust-prob",
         action="store_true",
         help="also return TRUST_PROB, the calibrated P(correct) (after gradtrust calibrate)",
+    )
+    predict.add_argument(
+        "--introspect",
+        action="store_true",
+        help="also return the introspective (second-stage) prediction and whether it agrees "
+        "(after gradtrust introspect)",
     )
     predict.add_argument(
         "--contrast-k",

@@ -52,6 +52,20 @@ class Prediction:
     gradtrust: float
     scores: dict[str, float] | None = None
     trust_prob: float | None = None
+    #: The second stage's answer (None unless requested with ``introspect=True``).
+    introspection: Introspection | None = None
+
+
+@dataclass(frozen=True)
+class Introspection:
+    """The introspective (second-stage) prediction of one image: the class a small network
+    predicts from the model's gradients towards every class, its probability, and whether
+    it agrees with the feed-forward ``Prediction.label``. Disagreement is a shift signal."""
+
+    label: str
+    class_id: int
+    confidence: float
+    agrees: bool
 
 
 @dataclass(frozen=True)
@@ -182,13 +196,15 @@ class TrustClient:
         scores: bool | Sequence[str] = False,
         contrast_k: int | None = None,
         trust_prob: bool = False,
+        introspect: bool = False,
     ) -> list[Prediction]:
         """Classify images (an array or file paths); one :class:`Prediction` each, in order.
 
         ``scores=True`` asks for the model's default score list, a sequence of names for
         those scores. ``contrast_k`` sets how many runner-up classes ``contrast_trust``
-        compares against. ``trust_prob=True`` also asks for TRUST_PROB. Any number of
-        images works: batches are split to fit the model.
+        compares against. ``trust_prob=True`` also asks for TRUST_PROB; ``introspect=True``
+        for the introspective prediction (the model needs ``gradtrust introspect``). Any
+        number of images works: batches are split to fit the model.
         """
         info = self.model_info()
         names = self._score_names(scores, info)
@@ -205,16 +221,28 @@ class TrustClient:
             *_BASE_OUTPUTS,
             *([C.SCORES] if names else []),
             *([C.TRUST_PROB] if trust_prob else []),
+            *(C.INTROSPECTIVE_OUTPUTS if introspect else ()),
         ]
         results: list[Prediction] = []
         for arrays in self._run(images, info, outputs, params):
             base = _base_fields(arrays)
             table = _rows(arrays, C.SCORES, len(names)) if names else None
             probs = _rows(arrays, C.TRUST_PROB, 1) if trust_prob else None
+            second = _introspections(arrays, len(base)) if introspect else None
             for i, (label, class_id, confidence, gradtrust) in enumerate(base):
                 row = None if table is None else dict(zip(names, map(float, table[i]), strict=True))
                 prob = None if probs is None else float(probs[i, 0])
-                results.append(Prediction(label, class_id, confidence, gradtrust, row, prob))
+                results.append(
+                    Prediction(
+                        label,
+                        class_id,
+                        confidence,
+                        gradtrust,
+                        row,
+                        prob,
+                        None if second is None else second[i],
+                    )
+                )
         return results
 
     def explain(
@@ -377,6 +405,20 @@ def _rows(arrays: dict[str, np.ndarray], name: str, columns: int) -> np.ndarray:
             f"server returned {name} of shape {table.shape}; expected ({count}, {columns})"
         )
     return table
+
+
+def _introspections(arrays: dict[str, np.ndarray], count: int) -> list[Introspection]:
+    columns = [np.asarray(arrays[name]).reshape(-1) for name in C.INTROSPECTIVE_OUTPUTS]
+    if any(len(c) != count for c in columns):
+        raise TrustClientError(
+            f"server returned introspective outputs of lengths {[len(c) for c in columns]}; "
+            f"expected {count} each"
+        )
+    ids, labels, confidence, agrees = columns
+    return [
+        Introspection(_text(labels[i]), int(ids[i]), float(confidence[i]), bool(agrees[i]))
+        for i in range(count)
+    ]
 
 
 def _base_fields(arrays: dict[str, np.ndarray]) -> list[tuple[str, int, float, float]]:

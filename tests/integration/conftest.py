@@ -12,17 +12,20 @@ import pytest
 
 from gradtrust.core.calibration import FILENAME as CALIBRATION_FILE
 from gradtrust.ops.tritonserver import Ports, TritonServer, free_port, start_server
+from gradtrust.serving.contract import INTROSPECTION_ONNX
 from tests.conftest import DEMO_MODEL, DEMO_ONNX, MODEL_REPOSITORY
 
 
 @pytest.fixture(scope="session")
 def bare_demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    """The demo entry without its 'activation' output and without a trust calibration,
-    served on its own: a model that can neither explain nor give TRUST_PROB."""
+    """The demo entry without its 'activation' output, a trust calibration and an
+    introspective network, served on its own: a model that can neither explain nor give
+    TRUST_PROB nor INTROSPECTIVE_*."""
     repo = tmp_path_factory.mktemp("repo")
     entry = repo / DEMO_MODEL
     shutil.copytree(MODEL_REPOSITORY / DEMO_MODEL, entry)
     (entry / CALIBRATION_FILE).unlink(missing_ok=True)
+    (entry / "1" / INTROSPECTION_ONNX).unlink(missing_ok=True)
     model = onnx.load(str(DEMO_ONNX))
     keep = [o for o in model.graph.output if o.name != "activation"]
     del model.graph.output[:]
