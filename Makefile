@@ -21,12 +21,14 @@ serve: install
 demo: install
 	$(BIN)/python -m gradtrust.tools.demo.run --model-repository $(REPO)
 
-# System tools the tests need: promtool, a Prometheus server and amtool (Debian's packages).
+# System tools the tests need: promtool, a Prometheus server, amtool and nginx (Debian's packages).
+# nginx: the reverse proxy of deploy/nginx, run against a live server (test_reverse_proxy.py).
 test-tools:
-	@{ command -v promtool && command -v prometheus && command -v amtool; } >/dev/null 2>&1 || { \
-	  echo "installing Debian's prometheus and prometheus-alertmanager for the monitoring tests"; \
+	@{ command -v promtool && command -v prometheus && command -v amtool \
+	   && { command -v nginx || test -x /usr/sbin/nginx; }; } >/dev/null 2>&1 || { \
+	  echo "installing Debian's prometheus, prometheus-alertmanager and nginx for the tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    prometheus prometheus-alertmanager >/dev/null; }
+	    prometheus prometheus-alertmanager nginx >/dev/null; }
 
 lint: install
 	$(BIN)/ruff check server client tests $(wildcard bench)

@@ -25,6 +25,7 @@ import yaml
 from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
 
 from gradtrust.ops.exporter import METRIC_NAMES as EXPORTER_METRIC_NAMES
+from gradtrust.ops.supervisor import RESTARTS_METRIC
 from gradtrust.serving.telemetry import METRIC_NAMES as MODEL_METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,8 +48,9 @@ REQUIRED_ALERTS = {
     "GradTrustUncalibratedInProduction",
     "TritonDown",
 }
-#: Every gradtrust_ metric of the endpoint: the stubs' and the exporter's own.
-METRIC_NAMES = (*MODEL_METRIC_NAMES, *EXPORTER_METRIC_NAMES)
+#: Every gradtrust_ metric of the endpoint: the stubs', the exporter's own and the
+#: supervisor's restart counter (the serve process's registry).
+METRIC_NAMES = (*MODEL_METRIC_NAMES, *EXPORTER_METRIC_NAMES, RESTARTS_METRIC)
 # Triton's own metrics that the rules, the dashboard and the autoscaler rely on.
 TRITON_METRICS = {
     "nv_inference_request_success",
@@ -299,7 +301,7 @@ def test_compose_schema_rejects_a_misspelt_key_when_validating():
 def test_compose_runs_triton_prometheus_alertmanager_and_grafana_when_started():
     compose = _load_yaml(COMPOSE)
     services = compose["services"]
-    assert set(services) == {"triton", "prometheus", "alertmanager", "grafana"}
+    assert set(services) == {"triton", "proxy", "prometheus", "alertmanager", "grafana"}
     assert services["triton"]["build"]["dockerfile"] == "deploy/Dockerfile"
     for name, service in services.items():
         image = service["image"]
