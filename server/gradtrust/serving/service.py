@@ -36,12 +36,18 @@ from gradtrust.serving.contract import (
     HEATMAP,
     HEATMAP_SIZE_ACTIVATION,
     HEATMAP_STATS,
+    INTROSPECTIVE_AGREES,
+    INTROSPECTIVE_CLASS_ID,
+    INTROSPECTIVE_CONFIDENCE,
+    INTROSPECTIVE_LABEL,
+    INTROSPECTIVE_OUTPUTS,
     LABEL,
     LOGITS,
     SCORES,
     TRUST_PROB,
 )
 from gradtrust.serving.decoding import spatial_size
+from gradtrust.serving.introspector import Introspector
 from gradtrust.serving.settings import ModelSettings, RequestOptions
 
 Outputs = dict[str, np.ndarray]
@@ -73,6 +79,10 @@ class BatchResult:
     #: TRUST_PROB of the same samples when the entry is calibrated (the metrics need it
     #: for every prediction, whether or not a request asked for it), else None.
     trust_prob: np.ndarray | None = None
+    #: Introspective predictions computed for this batch, and how many of them differ
+    #: from the feed-forward class (the shift signal of gradtrust_introspective_*).
+    introspective: int = 0
+    introspective_disagreements: int = 0
 
 
 class TrustService:
@@ -84,6 +94,7 @@ class TrustService:
         settings: ModelSettings,
         layout: str = "NCHW",
         calibration: TrustCalibration | None = None,
+        introspector: Introspector | None = None,
     ) -> None:
         if classifier.num_classes != len(settings.labels):
             raise ConfigError(
@@ -95,8 +106,15 @@ class TrustService:
                 "config parameter 'scores' includes gradnorm, which needs a 'features' output "
                 "the model does not have: remove it or re-export with `gradtrust prepare`"
             )
+        if introspector is not None and not classifier.has_features:
+            raise ConfigError(
+                "the entry has an introspective network, which needs the model's 'features' "
+                "output, but its ONNX file has none: re-export it with `gradtrust prepare`"
+            )
         self.classifier = classifier
         self.settings = settings
+        #: The second stage (INTROSPECTIVE_* outputs, on request), from `gradtrust introspect`.
+        self.introspector = introspector
         self.calibration = calibration  # GradTrust -> P(correct), from `gradtrust calibrate`
         # The head weight as the maps use it (float64, checked), once per model, not per request.
         self.head = (
@@ -168,6 +186,12 @@ class TrustService:
                 if problem is not None:
                     raise problem
                 self._check_options(requests[i].options, len(requests[i].images))
+                if self.introspector is None and _wants_introspection(requests[i]):
+                    raise InvalidInputError(
+                        "this model has no introspective network, so no INTROSPECTIVE_* "
+                        "outputs: train one with `gradtrust introspect` (it writes "
+                        "introspection.onnx into the entry), then reload the model"
+                    )
                 accepted.append(i)
             except InvalidInputError as err:
                 answers[i] = err
@@ -184,7 +208,8 @@ class TrustService:
         result: BatchResult,
     ) -> None:
         """Forward pass and scores of the accepted requests (``chosen``, at ``accepted``)."""
-        needs_features = [_needs_features(r.options) for r in chosen]
+        introspect = [_wants_introspection(r) for r in chosen]
+        needs_features = [_needs_features(r.options) or _wants_introspection(r) for r in chosen]
         wanted = [LOGITS]
         calibration_needs_features = (
             self.calibration is not None and self.calibration.needs_features
@@ -207,6 +232,7 @@ class TrustService:
         tables = self._score_tables(chosen, sizes, failed, logits, features)
         kinds = {r.outputs for n, r in enumerate(chosen) if n not in failed}
         picks = self._columns(kinds, trust, conf, pred, prob)
+        second = self._introspect(introspect, sizes, failed, logits, features, pred, result)
         heatmap_seconds = 0.0
         answered = [False] * len(chosen)
         for n, request in enumerate(chosen):
@@ -217,6 +243,10 @@ class TrustService:
             rows = slice(bounds[n], bounds[n + 1])
             options = request.options
             outputs: Outputs = {name: column[rows] for name, column in picks[request.outputs]}
+            if introspect[n]:
+                outputs.update(
+                    (name, column[rows]) for name, column in second if request.wants(name)
+                )
             try:
                 if options.scores:
                     table = tables[(options.scores, options.contrast_k)]
@@ -297,6 +327,38 @@ class TrustService:
                 tables[(names, k)] = table
         return tables
 
+    def _introspect(
+        self,
+        introspect: list[bool],
+        sizes: list[int],
+        failed: dict[int, InvalidInputError],
+        logits: np.ndarray,
+        features: np.ndarray | None,
+        pred: np.ndarray,
+        result: BatchResult,
+    ) -> list[tuple[str, np.ndarray]]:
+        """The INTROSPECTIVE_* columns (N, 1) of the batch, computed only on the rows of
+        requests that named one of them (others' rows stay 0); nothing when none did."""
+        member = np.array(introspect) & ~np.isin(np.arange(len(introspect)), list(failed))
+        if not member.any() or self.introspector is None or features is None:
+            return []
+        rows = np.repeat(member, sizes)
+        second = self.introspector.predict(logits[rows], features[rows])
+        agrees = second.class_id == pred[rows]
+        result.introspective = int(rows.sum())
+        result.introspective_disagreements = int((~agrees).sum())
+        n = len(logits)
+        cls = np.zeros((n, 1), np.int64)
+        conf = np.zeros((n, 1), np.float32)
+        agree = np.zeros((n, 1), np.bool_)
+        cls[rows, 0], conf[rows, 0], agree[rows, 0] = second.class_id, second.confidence, agrees
+        return [
+            (INTROSPECTIVE_CLASS_ID, cls),
+            (INTROSPECTIVE_LABEL, self._label_bytes[cls[:, 0]]),
+            (INTROSPECTIVE_CONFIDENCE, conf),
+            (INTROSPECTIVE_AGREES, agree),
+        ]
+
     def _trust_prob(
         self,
         logits: np.ndarray,
@@ -351,6 +413,11 @@ class TrustService:
 def _named(outputs: frozenset[str] | None, name: str) -> bool:
     """Whether a cheap output goes to requests that named ``outputs`` (None: the defaults)."""
     return name in (DEFAULT_OUTPUTS if outputs is None else outputs)
+
+
+def _wants_introspection(request: ScoringRequest) -> bool:
+    """Introspection is never a default output: only a request that names one gets it."""
+    return request.outputs is not None and not request.outputs.isdisjoint(INTROSPECTIVE_OUTPUTS)
 
 
 def _needs_features(options: RequestOptions) -> bool:

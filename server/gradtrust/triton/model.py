@@ -25,10 +25,12 @@ from gradtrust.serving.contract import (
     HEATMAP_STATS,
     IMAGE,
     IMAGE_BYTES,
+    INTROSPECTION_ONNX,
     SCORES,
     TRUST_PROB,
 )
 from gradtrust.serving.decoding import DecodeLimits, PreprocessSpec, decode_batch
+from gradtrust.serving.introspector import Introspector
 from gradtrust.serving.service import (
     BatchResult,
     ScoringRequest,
@@ -36,7 +38,6 @@ from gradtrust.serving.service import (
 )
 from gradtrust.serving.settings import ModelSettings, RequestOptions, parse_request
 from gradtrust.serving.telemetry import TrustMetrics, low_trust_rule
-
 
 #: Seconds between two log lines about invalid requests (or about one kind of bug): a
 #: client repeating a bad request must not flood the log (6 MB in 10 s was observed).
@@ -139,11 +140,17 @@ class TritonPythonModel:
                 settings.request_decoded_pixels_factor,
                 settings.max_image_pixels,
             )
+            introspection = model_dir / self.model_version / INTROSPECTION_ONNX
             self.service = TrustService(
                 classifier,
                 settings,
                 layout=self.spec.layout,
                 calibration=load_model_calibration(model_dir),
+                introspector=Introspector(
+                    introspection, classifier.num_classes, classifier.head_weight().shape[1]
+                )
+                if introspection.is_file()
+                else None,
             )
         except GradTrustError as err:
             raise pb_utils.TritonModelException(f"{self.model_name}: {err}") from err
@@ -166,7 +173,8 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(
             f"{self.model_name} v{self.model_version}: {classifier.num_classes} classes, "
             f"providers {classifier.providers}, heatmaps "
-            f"{'on' if self.service.head is not None else 'unavailable'}"
+            f"{'on' if self.service.head is not None else 'unavailable'}, introspection "
+            f"{'on request' if self.service.introspector is not None else 'unavailable'}"
         )
 
     def _parse(self, request: Any) -> ScoringRequest:
@@ -249,6 +257,8 @@ class TritonPythonModel:
             if one.trust_prob is not None:
                 trust_prob.append(one.trust_prob)
             result.trust_seconds += one.trust_seconds
+            result.introspective += one.introspective
+            result.introspective_disagreements += one.introspective_disagreements
             if one.heatmap_seconds is not None:
                 result.heatmap_seconds = (result.heatmap_seconds or 0.0) + one.heatmap_seconds
         result.gradtrust = np.concatenate(gradtrust)
@@ -303,6 +313,10 @@ class TritonPythonModel:
             )
             if batch.heatmap_seconds is not None:
                 self.metrics.observe_heatmap(batch.heatmap_seconds)
+            if batch.introspective:
+                self.metrics.count_introspection(
+                    batch.introspective, batch.introspective_disagreements
+                )
             invalid = sum(isinstance(a, InvalidInputError) for a in answers)
             if invalid:
                 self.metrics.count_invalid(invalid)
