@@ -39,8 +39,9 @@ Images = np.ndarray | Sequence[str | os.PathLike[str]] | str | os.PathLike[str]
 class Prediction:
     """One image's prediction.
 
-    ``confidence`` is the softmax probability of ``label`` in [0, 1]; ``gradtrust`` lies in
-    [1, C] for C classes. Higher means more trust for both and for every entry of
+    ``confidence`` is the softmax probability of ``label`` in [0, 1]; ``gradtrust`` is the
+    log of the counterfactual gradient-variance ratio, >= 0 (0: the runner-up classes are as
+    probable as the label). Higher means more trust for both and for every entry of
     ``scores`` (name -> value, in the order requested; None when none were requested).
     ``trust_prob`` is the calibrated probability that the prediction is correct (None unless
     requested; the model must have been calibrated with ``gradtrust calibrate``).
