@@ -500,7 +500,8 @@ def test_kserve_example_uses_the_triton_runtime_and_the_alerts_job_when_applied(
     model = isvc["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "triton"
     assert model["runtime"] == runtime["metadata"]["name"]
-    assert runtime["spec"]["containers"][0]["args"][0] == "tritonserver"
+    # gradtrust serve, which serves the metrics port the PodMonitor scrapes.
+    assert runtime["spec"]["containers"][0]["args"][:2] == ["gradtrust", "serve"]
     monitor = _by_kind("PodMonitor", "kserve")
     relabel = monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]
     assert (relabel["targetLabel"], relabel["replacement"]) == ("job", TRITON_JOB)
