@@ -278,6 +278,8 @@ def traffic(triton_server: Any, prometheus: Prometheus, digits: Any) -> Traffic:
         record(infer(triton_server, "http", batch, outputs=cheap))
     record(infer(triton_server, "grpc", digits[0][40:44], outputs=(*cheap, "HEATMAP")))
     sent.heatmap_requests += 1
+    # The demo entry has an introspective network: one request asks for its prediction.
+    record(infer(triton_server, "http", digits[0][44:48], outputs=(*cheap, "INTROSPECTIVE_AGREES")))
     with pytest.raises(InferenceServerException, match="outside"):
         infer(triton_server, "http", np.full((1, 1, 28, 28), 2.0, np.float32))
     sent.requests_invalid += 1
