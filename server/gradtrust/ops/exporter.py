@@ -137,10 +137,6 @@ class MetricsExporter:
             raise ServerError("start the metrics exporter before the server it exports")
         return {MULTIPROC_ENV: str(self.directory)}
 
-    def triton_args(self) -> list[str]:
-        """tritonserver flags that put its own metrics where this exporter reads them."""
-        return [f"--metrics-port={self.triton_port}", "--metrics-address=127.0.0.1"]
-
     # --- one scrape ------------------------------------------------------------------
 
     def _fetch_triton(self) -> bytes | None:
