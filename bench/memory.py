@@ -8,6 +8,7 @@ under steady load is what shows a leak.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -63,6 +64,27 @@ def _label(pid: int) -> str:
         model_py = Path(args[1].decode(errors="replace"))  # <repo>/<model>/<version>/model.py
         return f"stub:{model_py.parent.parent.name}"
     return name
+
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU seconds so far of the server ``pid`` and of each stub, by label
+    (``tritonserver``, ``stub:<model>``; several instances of one model are summed).
+
+    CPU time is what a request costs the machine whatever else runs on it, so ratios of
+    CPU per request stay readable on a shared machine where wall-clock throughput does not.
+    """
+    found: dict[str, float] = {}
+    for p in descendants(pid):
+        try:
+            fields = (PROC / str(p) / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        label = _label(p)
+        found[label] = found.get(label, 0.0) + (int(fields[11]) + int(fields[12])) * _TICK_S
+    return found
 
 
 def snapshot(pid: int) -> dict[str, Any]:

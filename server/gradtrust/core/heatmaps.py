@@ -302,9 +302,9 @@ def weighted_sum(activation: ArrayLike, weights: ArrayLike) -> Floats:
         raise InvalidInputError(
             f"weights must be (N, K) or (N, M, K) matching activation {a.shape}, got {alpha.shape}"
         )
-    n, k, h, w = a.shape
-    stacked = alpha if alpha.ndim == 3 else alpha[:, None, :]
-    out: Floats = (stacked @ a.reshape(n, k, h * w)).reshape(*alpha.shape[:-1], h, w)
+    # einsum's own loop, not BLAS: one map is K h w multiply-adds, too few to be worth
+    # waking BLAS threads that then compete with the network's for the cores.
+    out: Floats = np.einsum("n...k,nkij->n...ij", alpha, a)
     return out
 
 
