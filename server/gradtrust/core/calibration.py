@@ -218,6 +218,8 @@ class Signal:
     coef: tuple[float, ...] = ()
     intercept: float = 0.0
     l2: float = 0.0
+    #: The candidate's name when it is not the default (``msp+feature_norm``, a pair).
+    label: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in SIGNAL_KINDS:
@@ -240,8 +242,8 @@ class Signal:
 
     @property
     def name(self) -> str:
-        """The input's name, or ``"combination"``."""
-        return self.inputs[0] if self.kind == "input" else "combination"
+        """The input's name, the label, or ``"combination"``."""
+        return self.label or (self.inputs[0] if self.kind == "input" else "combination")
 
     @property
     def needs_features(self) -> bool:
@@ -256,6 +258,8 @@ class Signal:
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"kind": self.kind, "inputs": list(self.inputs)}
+        if self.label:
+            data["label"] = self.label
         if self.kind == "combination":
             data |= {
                 "transforms": [t.to_dict() for t in self.transforms],
@@ -278,6 +282,7 @@ class Signal:
             _floats(data.get("coef"), "coef"),
             float(data.get("intercept", math.nan)),
             float(data.get("l2", 0.0)),
+            str(data.get("label", "")),
         )
 
 

@@ -5,8 +5,8 @@
 :mod:`gradtrust.core.trust_features`) is a candidate signal as it is, and one more
 candidate combines them all (L2 logistic regression). The calibration data is split by
 source image (so corrupted copies of one digit never sit on both sides): the candidates
-are ranked by AUROC of right vs wrong on the selection part, the winner is refitted on all
-of the calibration data, and its probability map and low-trust threshold are fitted there.
+are ranked by out-of-fold AUROC of right vs wrong, the winner is refitted on all of the
+calibration data, and its probability map and low-trust threshold are fitted there.
 :func:`assess` then measures every candidate on held-out data (clean and shifted) with
 bootstrap intervals, and :func:`verdict` refuses a signal that ranks errors worse than
 softmax confidence beyond that noise.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -49,7 +49,6 @@ MIN_ERRORS = 30
 """Fewer wrong predictions than this in the calibration data: nothing is fitted. A map,
 a threshold and a choice between signals all rest on the errors; with fewer than about 30
 the AUROC of the choice alone has a standard error above 0.05."""
-SELECTION_FRACTION = 0.3
 MIN_BLOCK = 30
 BLOCK_FRACTION = 0.01
 L2_GRID = (0.01, 0.1, 1.0, 10.0)
@@ -160,14 +159,17 @@ def fit_scaling(values: ArrayLike) -> InputScaling | None:
     return InputScaling(float(np.median(a)), scale)
 
 
-def fit_logistic(x: Floats, y: Bools, l2: float, iterations: int = 100) -> tuple[Floats, float]:
-    """L2-regularised logistic regression: minimises ``sum_i logloss_i + l2 / 2 ||w||^2``
-    (the intercept is not penalised) by Newton's method with step halving, so it converges
-    even where the classes are nearly separable."""
+def fit_logistic(
+    x: Floats, y: Bools, l2: float, weights: Floats | None = None, iterations: int = 100
+) -> tuple[Floats, float]:
+    """L2-regularised logistic regression: minimises ``sum_i w_i logloss_i + l2 / 2 ||b||^2``
+    (the intercept is not penalised; w = 1 without ``weights``) by Newton's method with step
+    halving, so it converges even where the classes are nearly separable."""
     n, d = x.shape
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
     design = np.hstack((np.ones((n, 1)), x))
     target = y.astype(np.float64)
-    rate = float(np.clip(target.mean(), 1e-3, 1 - 1e-3))
+    rate = float(np.clip(np.average(target, weights=w), 1e-3, 1 - 1e-3))
     beta = np.zeros(d + 1)
     beta[0] = math.log(rate / (1 - rate))
     penalty = np.full(d + 1, l2)
@@ -175,13 +177,13 @@ def fit_logistic(x: Floats, y: Bools, l2: float, iterations: int = 100) -> tuple
 
     def objective(b: Floats) -> float:
         eta = design @ b
-        return float(np.logaddexp(0.0, np.where(y, -eta, eta)).sum() + 0.5 * penalty @ b**2)
+        return float(w @ np.logaddexp(0.0, np.where(y, -eta, eta)) + 0.5 * penalty @ b**2)
 
     current = objective(beta)
     for _ in range(iterations):
         p = _sigmoid(design @ beta)
-        grad = design.T @ (p - target) + penalty * beta
-        hess = (design * (p * (1 - p))[:, None]).T @ design + np.diag(penalty + 1e-9)
+        grad = design.T @ (w * (p - target)) + penalty * beta
+        hess = (design * (w * p * (1 - p))[:, None]).T @ design + np.diag(penalty + 1e-9)
         step = np.linalg.solve(hess, grad)
         scale = 1.0
         while scale > 1e-6:
@@ -203,9 +205,9 @@ def _sigmoid(eta: Floats) -> Floats:
     return np.exp(-np.logaddexp(0.0, -eta))
 
 
-def _log_loss(eta: Floats, y: Bools) -> float:
+def _log_loss(eta: Floats, y: Bools, w: Floats) -> float:
     # log(1 + exp(-eta)) for right answers, log(1 + exp(eta)) for wrong ones.
-    return float(np.mean(np.logaddexp(0.0, np.where(y, -eta, eta))))
+    return float(w @ np.logaddexp(0.0, np.where(y, -eta, eta)))
 
 
 def _group_folds(groups: NDArray[np.int64], folds: int, seed: int) -> NDArray[np.int64]:
@@ -215,12 +217,17 @@ def _group_folds(groups: NDArray[np.int64], folds: int, seed: int) -> NDArray[np
 
 
 def fit_combination(
-    inputs: Inputs, correct: ArrayLike, groups: ArrayLike | None = None, seed: int = 0
+    inputs: Inputs,
+    correct: ArrayLike,
+    groups: ArrayLike | None = None,
+    seed: int = 0,
+    weights: ArrayLike | None = None,
 ) -> Signal:
     """The L2 logistic combination of every non-constant input; the penalty is chosen from
-    :data:`L2_GRID` by grouped cross-validated log-loss."""
+    :data:`L2_GRID` by grouped cross-validated (weighted) log-loss."""
     y = np.asarray(correct).astype(bool)
     g = np.arange(y.size) if groups is None else np.asarray(groups, dtype=np.int64)
+    w = np.ones(y.size) if weights is None else np.asarray(weights, dtype=np.float64)
     names: list[str] = []
     transforms: list[InputScaling] = []
     for name, values in inputs.items():
@@ -239,11 +246,11 @@ def fit_combination(
             train, test = fold != k, fold == k
             if not test.any() or y[train].all() or not y[train].any():
                 continue
-            coef, intercept = fit_logistic(x[train], y[train], l2)
-            loss += _log_loss(intercept + x[test] @ coef, y[test]) * test.sum()
+            coef, intercept = fit_logistic(x[train], y[train], l2, w[train])
+            loss += _log_loss(intercept + x[test] @ coef, y[test], w[test])
         losses.append(loss)
     l2 = L2_GRID[int(np.argmin(losses))]
-    coef, intercept = fit_logistic(x, y, l2)
+    coef, intercept = fit_logistic(x, y, l2, w)
     return Signal(
         "combination",
         tuple(names),
@@ -257,50 +264,80 @@ def fit_combination(
 # ---- choosing the signal --------------------------------------------------------------------
 
 
-def selection_split(groups: ArrayLike, seed: int) -> Bools:
-    """True for the samples of the selection part: about :data:`SELECTION_FRACTION` of the
-    source images, chosen by seed; every copy of one image falls on the same side."""
-    g = np.asarray(groups, dtype=np.int64)
-    unique = np.unique(g)
-    count = max(1, round(SELECTION_FRACTION * unique.size))
-    picked = np.random.default_rng([seed, 3]).permutation(unique)[:count]
-    return np.isin(g, picked)
+def candidate_names(inputs: Inputs) -> tuple[str, ...]:
+    """Every candidate signal, simplest first: each input as it is, softmax confidence
+    paired with each other input (``msp+NAME``), then the combination of all inputs."""
+    pairs = [f"{CONFIDENCE}+{n}" for n in inputs if n != CONFIDENCE] if CONFIDENCE in inputs else []
+    return (*inputs, *pairs, COMBINATION)
 
 
-def candidate_signals(
-    inputs: Inputs, correct: ArrayLike, groups: ArrayLike | None = None, seed: int = 0
-) -> dict[str, Signal]:
-    """Every candidate, fitted on this data: each input as it is, then the combination."""
-    out = {name: Signal("input", (name,)) for name in inputs}
-    out[COMBINATION] = fit_combination(inputs, correct, groups, seed)
-    return out
+def fit_candidate(
+    name: str,
+    inputs: Inputs,
+    correct: ArrayLike,
+    groups: ArrayLike | None = None,
+    seed: int = 0,
+    weights: ArrayLike | None = None,
+) -> Signal:
+    """One candidate of :func:`candidate_names`, fitted on this data."""
+    if name in inputs:
+        return Signal("input", (name,))
+    if name == COMBINATION:
+        return fit_combination(inputs, correct, groups, seed, weights)
+    first, _, second = name.partition("+")
+    if first != CONFIDENCE or second not in inputs:
+        raise InvalidInputError(f"unknown candidate {name!r}")
+    pair = {first: inputs[first], second: inputs[second]}
+    return replace(fit_combination(pair, correct, groups, seed, weights), label=name)
+
+
+def part_weights(parts: ArrayLike | None, size: int) -> Floats:
+    """Sample weights under which every part (clean, shifted) weighs the same in total, so
+    that fifty corrupted copies of each image do not drown the clean images."""
+    if parts is None:
+        return np.ones(size)
+    p = np.asarray(parts)
+    unique, index, counts = np.unique(p, return_inverse=True, return_counts=True)
+    return size / (unique.size * counts[index].astype(np.float64))
 
 
 def _auroc(values: Floats, correct: Bools) -> float:
-    return M.auroc(values, correct) if np.isfinite(values).all() else math.nan
+    both = correct.any() and not correct.all()
+    return M.auroc(values, correct) if both and np.isfinite(values).all() else math.nan
 
 
 @dataclass(frozen=True)
 class Selection:
-    """How the signal was chosen: AUROC of every candidate on the selection part."""
+    """How the signal was chosen: out-of-fold AUROC of every candidate on the calibration
+    data, per part, and which candidates were eligible."""
 
     chosen: str
     auroc: dict[str, float]
+    gain: dict[str, dict[str, float]]
+    eligible: dict[str, bool]
     forced: bool
-    fit_samples: int
-    fit_wrong: int
-    selection_samples: int
-    selection_wrong: int
+    folds: int
+    samples: int
+    wrong: int
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "chosen": self.chosen,
             "forced": self.forced,
-            "rule": "highest AUROC of right vs wrong on the selection part",
-            "auroc_on_selection_part": self.auroc,
-            "fit_part": {"samples": self.fit_samples, "wrong": self.fit_wrong},
-            "selection_part": {"samples": self.selection_samples, "wrong": self.selection_wrong},
+            "rule": f"highest mean out-of-fold AUROC of right vs wrong ({self.folds} folds by "
+            "source image) over the parts (clean, shifted), among candidates not "
+            "significantly worse than softmax confidence on any part (AUROC difference + "
+            f"{SELECTION_Z} bootstrap SE >= 0)",
+            "auroc_out_of_fold": self.auroc,
+            "auroc_minus_softmax_by_part": self.gain,
+            "eligible": self.eligible,
+            "samples": self.samples,
+            "wrong": self.wrong,
         }
+
+
+SELECTION_BOOTSTRAP = 60
+SELECTION_Z = 1.645
 
 
 def select_signal(
@@ -309,35 +346,79 @@ def select_signal(
     groups: ArrayLike,
     seed: int = 0,
     force: str | None = None,
+    parts: ArrayLike | None = None,
 ) -> Selection:
-    """Rank every candidate on the selection part (the combination fitted on the rest);
-    the highest AUROC wins, a tie going to the earlier candidate (single inputs come
-    before the combination). ``force`` names the signal instead (still ranked)."""
+    """Judge every candidate by its out-of-fold signal (folds by source image: fitted on
+    the other folds), per part (clean images, shifted copies: ``parts``; one part when
+    None).
+
+    A candidate is eligible unless, on some part, its AUROC minus softmax confidence's is
+    below 0 by more than 1.645 bootstrap standard errors (softmax confidence itself is
+    always eligible); the eligible candidate with the highest mean AUROC over the parts
+    wins, a tie going to the simpler one. ``force`` names the signal instead.
+    """
     y = np.asarray(correct).astype(bool)
     g = np.asarray(groups, dtype=np.int64)
-    known = (*inputs, COMBINATION)
+    part = np.zeros(y.size, np.int64) if parts is None else np.asarray(parts, np.int64)
+    known = candidate_names(inputs)
     if force is not None and force not in known:
         raise InvalidInputError(f"unknown signal {force!r}; this model offers: {', '.join(known)}")
-    pick = selection_split(g, seed)
-    fit = ~pick
-    if (~y[fit]).sum() < 2 or (~y[pick]).sum() < 2:
+    fold = _group_folds(g, CV_FOLDS, seed + 1)
+    if any((~y[fold != k]).sum() < 2 for k in range(CV_FOLDS)):
         raise CalibrationRefused(
             "too few wrong predictions to split the calibration data for choosing a signal"
         )
-    fit_inputs = {n: v[fit] for n, v in inputs.items()}
-    combination = fit_combination(fit_inputs, y[fit], g[fit], seed)
-    scores = {n: _auroc(v[pick], y[pick]) for n, v in inputs.items()}
-    scores[COMBINATION] = _auroc(combination({n: v[pick] for n, v in inputs.items()}), y[pick])
-    ranked = [n for n in known if math.isfinite(scores[n])]
-    chosen = force or max(ranked, key=lambda n: (scores[n], -known.index(n)))
+    weights = part_weights(part, y.size)
+    # Out-of-fold signal values: each fold scored by candidates fitted on the other folds,
+    # so every calibration image takes part in the choice without judging its own fit.
+    values = {name: np.zeros(y.size) for name in known}
+    for k in range(CV_FOLDS):
+        train, test = fold != k, fold == k
+        train_inputs = {n: v[train] for n, v in inputs.items()}
+        test_inputs = {n: v[test] for n, v in inputs.items()}
+        for name in known:
+            signal = fit_candidate(name, train_inputs, y[train], g[train], seed, weights[train])
+            values[name][test] = signal(test_inputs)
+    rng = np.random.default_rng([seed, 17])
+    auroc: dict[str, list[float]] = {n: [] for n in known}
+    gain: dict[str, dict[str, float]] = {n: {} for n in known}
+    eligible = dict.fromkeys(known, True)
+    for p in np.unique(part):
+        rows = part == p
+        label = (
+            "clean" if parts is not None and p == 0 else ("shifted" if parts is not None else "all")
+        )
+        base = _auroc(values[CONFIDENCE][rows], y[rows]) if CONFIDENCE in values else math.nan
+        unique, index = np.unique(g[rows], return_inverse=True)
+        draws = []
+        for _ in range(SELECTION_BOOTSTRAP):
+            counts = np.bincount(rng.integers(0, unique.size, unique.size), minlength=unique.size)
+            draws.append(np.repeat(np.flatnonzero(rows), counts[index]))
+        for name in known:
+            value = _auroc(values[name][rows], y[rows])
+            auroc[name].append(value)
+            if not (math.isfinite(value) and math.isfinite(base)) or name == CONFIDENCE:
+                continue
+            diffs = [
+                _auroc(values[name][d], y[d]) - _auroc(values[CONFIDENCE][d], y[d]) for d in draws
+            ]
+            finite = np.asarray([v for v in diffs if math.isfinite(v)])
+            se = float(finite.std()) if finite.size > 2 else math.inf
+            gain[name][label] = value - base
+            if value - base + SELECTION_Z * se < 0.0:
+                eligible[name] = False
+    mean = {n: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for n, v in auroc.items()}
+    ranked = [n for n in known if eligible[n] and math.isfinite(mean[n])]
+    chosen = force or max(ranked, key=lambda n: (mean[n], -known.index(n)))
     return Selection(
         chosen=chosen,
-        auroc=scores,
+        auroc=mean,
+        gain=gain,
+        eligible=eligible,
         forced=force is not None,
-        fit_samples=int(fit.sum()),
-        fit_wrong=int((~y[fit]).sum()),
-        selection_samples=int(pick.sum()),
-        selection_wrong=int((~y[pick]).sum()),
+        folds=CV_FOLDS,
+        samples=int(y.size),
+        wrong=int((~y).sum()),
     )
 
 
@@ -407,12 +488,15 @@ def fit_trust_calibration(
     force: str | None = None,
     data: str = "",
     probe: tuple[ArrayLike, ArrayLike | None] | None = None,
+    parts: ArrayLike | None = None,
 ) -> tuple[TrustCalibration, Selection, dict[str, tuple[Signal, ProbabilityMap]]]:
-    """Choose the signal, refit it and every other candidate on all of the calibration data,
-    fit each one's probability map, and the threshold on the chosen TRUST_PROB.
+    """Choose the signal, refit it (and, for the report, every single input and the full
+    combination) on all of the calibration data, fit each one's probability map, and the
+    threshold on the chosen TRUST_PROB. ``parts`` marks clean (0) and shifted (1) samples:
+    both then weigh the same in the logistic fits and in the choice.
 
-    Returns the calibration, how it was chosen, and every candidate's (signal, map) for
-    :func:`assess`. Raises :class:`CalibrationRefused` with fewer than :data:`MIN_ERRORS`
+    Returns the calibration, how it was chosen, and the reported candidates' (signal, map)
+    for :func:`assess`. Raises :class:`CalibrationRefused` with fewer than :data:`MIN_ERRORS`
     wrong predictions. ``probe``: the logits (and features) of a few samples, stored with
     the signal's inputs computed from them (see :meth:`TrustCalibration.check_probe`).
     """
@@ -424,9 +508,13 @@ def fit_trust_calibration(
             f"needs at least {MIN_ERRORS} errors to be fitted and checked. Give more labelled "
             "data, or harder data: `--mix corruptions` adds the product's corruptions"
         )
-    selection = select_signal(inputs, y, groups, seed, force)
-    signals = candidate_signals(inputs, y, groups, seed)
-    fitted = {name: (sig, fit_probability_map(sig(inputs), y)) for name, sig in signals.items()}
+    selection = select_signal(inputs, y, groups, seed, force, parts)
+    weights = part_weights(parts, y.size)
+    names = dict.fromkeys([*inputs, COMBINATION, selection.chosen])
+    fitted = {}
+    for name in names:
+        sig = fit_candidate(name, inputs, y, groups, seed, weights)
+        fitted[name] = (sig, fit_probability_map(sig(inputs), y))
     signal, prob_map = fitted[selection.chosen]
     trust_prob = prob_map(signal(inputs))
     threshold = choose_threshold(trust_prob, y, target)

@@ -97,7 +97,12 @@ def markdown(
             "Accepted and written to the entry." if written else "Accepted (dry run: not written)."
         )
     )
-    picked = "forced with --signal" if selection.forced else "highest AUROC on the selection part"
+    picked = (
+        "forced with --signal"
+        if selection.forced
+        else "highest mean out-of-fold AUROC over clean and shifted calibration data among "
+        "candidates not significantly worse than softmax confidence on either"
+    )
     lines = [
         f"# Trust calibration of `{entry}`",
         "",
@@ -113,9 +118,10 @@ def markdown(
         ),
         f"- Fitted on {calibration.fitted_on.get('samples')} samples "
         f"({calibration.fitted_on.get('wrong')} wrong): {calibration.fitted_on.get('data', '')}",
-        f"- Signal chosen on a selection part of {selection.selection_samples} samples "
-        f"({selection.selection_wrong} wrong), the combination fitted on the other "
-        f"{selection.fit_samples}; candidates then refitted on all calibration data.",
+        f"- Signal chosen by {selection.folds}-fold cross-validation over the calibration "
+        "data (folds by source image); the chosen candidate then refitted on all of it. "
+        "Candidates: every input, softmax confidence paired with each other input "
+        "(`msp+NAME`), and the combination of all inputs.",
         f"- Low-trust threshold on TRUST_PROB: {calibration.low_trust_threshold:.4f} "
         f"({calibration.target}; {100 * calibration.achieved_on_calibration:.1f} % on the "
         "calibration data).",

@@ -225,6 +225,8 @@ def _calibrate(args: argparse.Namespace) -> int:
             f"one channel); these have shape {data.calibration_images.shape[1:]}: use --mix clean"
         )
     images, labels, groups = calibration_set(data, args.mix, args.seed)
+    # The clean images come first; their corrupted copies form a second part.
+    mix_parts = (np.arange(len(labels)) >= len(data.calibration_labels)).astype(np.int64)
     scored = _score_all(scorer, images, "calibration data")
     correct = scored.correct(labels)
     inputs = scored.calibration_inputs(args.contrast_k)
@@ -242,6 +244,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             seed=args.seed,
             force=args.signal,
             data=f"{data.name}; calibration part, mix={args.mix}, seed={args.seed}",
+            parts=mix_parts if args.mix == "corruptions" else None,
             probe=(
                 scored.logits[:PROBE_SAMPLES],
                 None if scored.features is None else scored.features[:PROBE_SAMPLES],
@@ -250,11 +253,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     except CalibrationRefused as err:
         print(f"gradtrust calibrate: refused: {err}", file=sys.stderr)
         return 2
-    ranked = sorted(selection.auroc.items(), key=lambda kv: -kv[1])[:5]
+    ranked = sorted(
+        ((n, v) for n, v in selection.auroc.items() if selection.eligible[n]), key=lambda kv: -kv[1]
+    )[:5]
     print(
-        f"signal: {calibration.signal.name} "
-        + ("(forced) " if selection.forced else "")
-        + "; AUROC on the selection part: "
+        f"signal: {calibration.signal.name}"
+        + (" (forced)" if selection.forced else "")
+        + "; out-of-fold AUROC minus softmax's: "
+        + ", ".join(f"{p} {v:+.3f}" for p, v in selection.gain[calibration.signal.name].items())
+        + "; best eligible candidates by mean out-of-fold AUROC: "
         + ", ".join(f"{n} {v:.3f}" for n, v in ranked)
     )
     parts = []
