@@ -4,6 +4,7 @@ tritonserver and its stubs inherit (never the admin key)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 
@@ -50,8 +51,6 @@ def test_server_env_leaves_out_the_admin_key_when_it_is_in_ours(monkeypatch, tmp
 
 
 def test_serve_binds_loopback_when_no_address_is_given():
-    import argparse
-
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["serve"])
