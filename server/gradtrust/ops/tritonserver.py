@@ -231,6 +231,10 @@ def server_env(install: TritonInstall) -> dict[str, str]:
     # The stub runs the first python3 on PATH: make it this interpreter's environment.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # One BLAS thread per stub: onnxruntime already uses the cores for the forward pass,
+    # and idle OpenBLAS threads busy-wait; with two, a VOICE request cost 21 ms of CPU
+    # instead of 15 (docs/BENCHMARKS.md). An explicit setting in our environment wins.
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     return env
 
 
