@@ -72,30 +72,31 @@ def needs_features(name: str) -> bool:
     return name in NORM_FEATURES or name.startswith("cf_grad_norm_")
 
 
-def _logsumexp(x: Floats, axis: int = 1) -> Floats:
-    top = np.max(x, axis=axis, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    return np.log(np.exp(x - top).sum(axis=axis)) + top[:, 0]
-
-
 def _log_norms(z: Floats, k: int) -> tuple[Floats, Floats, Floats]:
     """``log ||p - e_P||^2`` (N,), ``log ||p - e_Qi||^2`` (N, k) and ``log ||C p - 1||^2`` (N,),
-    all from log-probabilities without cancellation near p_P = 1."""
+    from log-probabilities without cancellation near p_P = 1, in two exp passes and with
+    a partition (not a sort) for the runner-ups, so it stays O(C) per sample."""
     n, c = z.shape
+    rows = np.arange(n)
+    pred = np.argmax(z, axis=1)
     with np.errstate(over="ignore"):
-        shifted = np.maximum(z - z.max(axis=1, keepdims=True), -_SPAN_CAP)
-    log_p = shifted - _logsumexp(shifted)[:, None]
-    order = np.argsort(-z, axis=1, kind="stable")  # P first; ties: lowest index
-    rows = np.arange(n)[:, None]
-    pred = order[:, 0]
-    others = log_p.copy()
-    others[np.arange(n), pred] = -np.inf
-    # ||p - e_P||^2 = (1 - p_P)^2 + sum_{c != P} p_c^2, with 1 - p_P = sum_{c != P} p_c.
-    log_rest = _logsumexp(others)
-    log_pred = np.logaddexp(2.0 * log_rest, _logsumexp(2.0 * others))
-    p = np.exp(log_p)
+        shifted = np.maximum(z - z[rows, pred][:, None], -_SPAN_CAP)  # log(p_c / p_P) <= 0
+    e = np.exp(shifted)
+    total = e.sum(axis=1)  # in [1, C]
+    p = e / total[:, None]
+    log_total = np.log(total)
+    # ||p - e_P||^2 = (1 - p_P)^2 + sum_{c != P} p_c^2, with 1 - p_P = sum_{c != P} p_c: both
+    # sums taken relative to the runner-up, so they stay exact where p_P rounds to 1.
+    shifted[rows, pred] = -np.inf
+    runner_up = shifted.max(axis=1)
+    rel = np.exp(shifted - runner_up[:, None])  # 0 at P, 1 at the runner-up
+    log_rest = runner_up - log_total + np.log(rel.sum(axis=1))
+    log_sq = 2.0 * (runner_up - log_total) + np.log(np.einsum("nc,nc->n", rel, rel))
+    log_pred = np.logaddexp(2.0 * log_rest, log_sq)
     sum_sq = np.einsum("nc,nc->n", p, p)
-    q = p[rows, order[:, 1 : k + 1]]  # (N, k): runner-ups, p_q <= 1/2
+    others = p.copy()
+    others[rows, pred] = -1.0
+    q = np.sort(np.partition(others, c - k, axis=1)[:, c - k :], axis=1)[:, ::-1]
     # ||p - e_q||^2 = (1 - p_q)^2 + sum_c p_c^2 - p_q^2 >= p_P^2 >= 1 / C^2: no underflow.
     log_cf = np.log((1.0 - q) ** 2 + sum_sq[:, None] - q**2)
     ones = np.einsum("nc,nc->n", c * p - 1.0, c * p - 1.0)
