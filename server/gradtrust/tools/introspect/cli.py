@@ -46,7 +46,9 @@ def register(subparsers: Any) -> None:
         default=0.4,
         help="share of a --data folder held out from training, per class (default 0.4)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of splits, weights, batches")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of splits, weights, batches and corruptions"
+    )
     parser.add_argument("--hidden", type=int, default=128, help="units per hidden layer")
     parser.add_argument(
         "--rank", type=int, default=0, help="rank of the first layer (0: min(C, D, 16))"
@@ -190,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         )
         text = report.markdown(
             rows,
-            f"Feed-forward (FF) vs introspective (intro) on {data.name}, held-out part; "
+            f"Feed-forward (FF) vs introspective (intro) on the held-out images of {data.name}; "
             f"corruptions at severities {args.severities}"
             + ("" if grey else " (not run: the corruptions need grayscale images)"),
         )
