@@ -253,8 +253,12 @@ class Signal:
         """The signal from ``{input name: (N,) values}``."""
         if self.kind == "input":
             return np.asarray(inputs[self.inputs[0]], dtype=np.float64)
-        columns = [t(inputs[n]) for n, t in zip(self.inputs, self.transforms, strict=True)]
-        return self.intercept + np.stack(columns, axis=1) @ np.asarray(self.coef)
+        # One arcsinh over all inputs at once: InputScaling per column, folded into the
+        # weights (coef / scale) and the intercept (- coef * center / scale).
+        x = np.arcsinh(np.stack([np.asarray(inputs[n], np.float64) for n in self.inputs], 1))
+        center = np.array([t.center for t in self.transforms])
+        weight = np.asarray(self.coef) / np.array([t.scale for t in self.transforms])
+        return (self.intercept - float(center @ weight)) + x @ weight
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"kind": self.kind, "inputs": list(self.inputs)}
