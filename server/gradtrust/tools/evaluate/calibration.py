@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from tqdm import tqdm
 
 from gradtrust.core.calibration import (
     InputScaling,
@@ -617,6 +616,8 @@ def assess(
     draws: dict[str, list[tuple[float, float, float]]] = {n: [] for n in signals}
     unique, index = np.unique(g, return_inverse=True)
     rng = np.random.default_rng([seed, 5])
+    from tqdm import tqdm  # only here: importing this module needs numpy alone
+
     for _ in tqdm(range(resamples), desc=f"bootstrap {part}", unit="draw", leave=False):
         counts = np.bincount(rng.integers(0, unique.size, unique.size), minlength=unique.size)
         take = np.repeat(np.arange(y.size), counts[index])
