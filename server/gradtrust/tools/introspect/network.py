@@ -11,6 +11,7 @@ layer on ``vec(g h^T)`` whose rows have rank R (any dense layer when R = min(C, 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,8 @@ def export_onnx(model: IntrospectiveMLP, path: str | os.PathLike[str]) -> Path:
     g = torch.nn.functional.normalize(torch.randn(4, model.num_classes), dim=1)
     h = torch.nn.functional.normalize(torch.randn(4, model.num_features), dim=1)
     tmp = path.with_suffix(".onnx.tmp")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's notices
         torch.onnx.export(
             model,
             (g, h),
