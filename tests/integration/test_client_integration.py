@@ -160,8 +160,9 @@ def test_cli_prints_valid_json_when_predicting_over_grpc(triton_server, capsys):
     assert [row["file"] for row in rows] == [str(p) for p in EXAMPLE_DIGITS]
     for row in rows:
         fields = {"file", "label", "class_id", "confidence", "gradtrust", "scores", "trust_prob"}
-        assert set(row) == fields
+        assert set(row) == fields | {"introspection"}
         assert row["trust_prob"] is None  # not asked for
+        assert row["introspection"] is None  # not asked for
         assert list(row["scores"]) == ["msp", "margin"]
         assert 0.0 <= row["gradtrust"] < float("inf")  # log of a variance ratio >= 1
 

@@ -4,6 +4,8 @@ network refuses them by name and still answers the rest of the batch."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
@@ -78,3 +80,20 @@ def test_server_refuses_introspection_naming_the_command_when_the_entry_has_none
         infer(bare_demo_server, protocol, digits[0][:2], [LABEL, INTROSPECTIVE_LABEL])
     answered = infer(bare_demo_server, protocol, digits[0][:2], [LABEL])
     assert answered[LABEL].shape == (2, 1)
+
+
+def test_client_cli_prints_the_introspective_prediction_when_asked(triton_server, capsys):
+    from gradtrust_client.cli import main
+
+    files = sorted(str(p) for p in (MODEL_REPOSITORY.parent / "examples" / "digits").glob("*.png"))
+    argv = ["predict", *files, "--url", triton_server.http_url, "--introspect"]
+    assert main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == len(files)
+    for row in rows:
+        second = row["introspection"]
+        assert set(second) == {"label", "class_id", "confidence", "agrees"}
+        assert second["agrees"] == (second["class_id"] == row["class_id"])
+    assert main(argv) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header[4:7] == ["introspective", "intro_conf", "agrees"]
