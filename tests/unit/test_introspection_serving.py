@@ -162,3 +162,65 @@ def test_introspector_refuses_a_network_trained_for_another_head_when_loaded(tra
 
     with pytest.raises(ConfigError, match="gradtrust introspect"):
         Introspector(trained[1], 10, 128)
+
+
+class NanFeatures(Recording):
+    """The demo classifier whose features are NaN for the given batch rows."""
+
+    def __init__(self, rows: Sequence[int]) -> None:
+        super().__init__()
+        self.rows = list(rows)
+
+    def run(self, images: np.ndarray, outputs: Sequence[str] = (LOGITS,)) -> dict:
+        out = super().run(images, outputs)
+        if FEATURES in out:
+            out[FEATURES] = out[FEATURES].copy()
+            out[FEATURES][self.rows] = np.nan
+        return out
+
+
+def test_service_refuses_introspection_only_for_the_request_whose_features_are_not_finite(
+    trained, digits
+) -> None:
+    service = TrustService(
+        NanFeatures([1]), SETTINGS, introspector=Introspector(trained[1], 10, 64)
+    )
+    images = digits[0][:4]
+    names = frozenset({INTROSPECTIVE_CLASS_ID})
+    result = service.run(
+        [
+            ScoringRequest(images[:2], PLAIN, names),
+            ScoringRequest(images[2:], PLAIN, names),
+            ScoringRequest(images[:2], PLAIN, frozenset({LABEL})),
+        ]
+    )
+    bad, good, plain = result.answers
+    assert isinstance(bad, InvalidInputError) and "sample(s) [1]" in str(bad)
+    assert isinstance(good, dict) and good[INTROSPECTIVE_CLASS_ID].shape == (2, 1)
+    assert isinstance(plain, dict) and LABEL in plain
+    assert result.introspective == 2
+
+
+def test_metrics_count_introspective_predictions_and_disagreements_when_a_batch_has_them(
+    tmp_path,
+) -> None:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from gradtrust.serving.telemetry import (
+        INTROSPECTIVE,
+        INTROSPECTIVE_DISAGREEMENTS,
+        LowTrustRule,
+        TrustMetrics,
+    )
+
+    metrics = TrustMetrics("m", "1", LowTrustRule("gradtrust", 3.0), False, directory=tmp_path)
+    metrics.count_introspection(10, 3)
+    metrics.count_introspection(5, 0)
+    with pytest.raises(InvalidInputError):
+        metrics.count_introspection(2, 3)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    values = {s.name: s.value for f in registry.collect() for s in f.samples}
+    assert values[INTROSPECTIVE] == 15
+    assert values[INTROSPECTIVE_DISAGREEMENTS] == 3
