@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -35,7 +36,7 @@ from gradtrust.ops.supervisor import Supervisor
 from gradtrust.ops.tritonserver import Ports, TritonServer, free_port, start_server
 from tests.conftest import DEMO_MODEL, MODEL_REPOSITORY
 from tests.integration.test_prometheus_live import _wait_for, running_prometheus
-from tests.integration.triton_io import infer
+from tests.integration.triton_io import infer, read_until_ready
 from tests.unit.test_deploy import RULE_FILES
 
 pytestmark = pytest.mark.integration
@@ -386,3 +387,47 @@ def test_a_scrape_during_a_stub_restart_neither_fails_nor_counts_twice_when_the_
             assert calibrated == [1.0]  # the dead stub's gauge is gone, the new one's is there
         finally:
             supervisor.stop()
+
+
+# --- the command the container images run --------------------------------------------------
+
+
+def test_gradtrust_serve_exports_histograms_on_its_metrics_port_when_run_as_the_images_do(
+    digits,
+):
+    """`gradtrust serve` (the CMD of deploy/Dockerfile and the Kubernetes args, minus
+    --production, which needs a key and a patched Triton): its banner lists the metrics
+    port as listening, and that port answers with the models' histograms."""
+    ports = Ports(free_port(), free_port(), free_port())
+    cmd = [
+        sys.executable, "-m", "gradtrust.cli", "serve",
+        "--model-repository", str(MODEL_REPOSITORY), "--address", "127.0.0.1",
+        "--http-port", str(ports.http), "--grpc-port", str(ports.grpc),
+        "--metrics-port", str(ports.metrics),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = read_until_ready(proc)
+        assert re.search(rf"metrics\s+listening on 127\.0\.0\.1:{ports.metrics}", banner), banner
+        server = _Endpoints(ports)
+        sent = _traffic(server, DEMO_MODEL, digits, [2, 3])
+        complaints, text = _promtool_complaints(server.metrics_url)
+        assert not complaints, "\n".join(complaints)
+        assert _total(text, "gradtrust_predictions_total", DEMO_MODEL) == sent
+        assert "# TYPE gradtrust_trust histogram" in text
+        assert "gradtrust_triton_up 1.0" in text
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+class _Endpoints:
+    """What the test helpers need of a server: its URLs."""
+
+    def __init__(self, ports: Ports) -> None:
+        self.http_url = f"127.0.0.1:{ports.http}"
+        self.grpc_url = f"127.0.0.1:{ports.grpc}"
+        self.metrics_url = f"http://127.0.0.1:{ports.metrics}/metrics"
