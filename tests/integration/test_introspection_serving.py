@@ -24,7 +24,7 @@ from gradtrust.serving.contract import (
 from gradtrust.serving.introspector import Introspector
 from gradtrust_client import TrustClient
 from tests.conftest import DEMO_MODEL, DEMO_ONNX, MODEL_REPOSITORY
-from tests.integration.triton_io import infer
+from tests.integration.triton_io import infer, model_samples, settled
 
 LABELS = (MODEL_REPOSITORY / DEMO_MODEL / "labels.txt").read_text().split()
 
@@ -97,3 +97,27 @@ def test_client_cli_prints_the_introspective_prediction_when_asked(triton_server
     assert main(argv) == 0
     header = capsys.readouterr().out.splitlines()[0].split()
     assert header[4:7] == ["introspective", "intro_conf", "agrees"]
+
+
+def _introspective_counts(server) -> tuple[float, float]:
+    samples = {name: value for name, _, value in model_samples(server)}
+    return (
+        samples.get("gradtrust_introspective_predictions_total", 0.0),
+        samples.get("gradtrust_introspective_disagreements_total", 0.0),
+    )
+
+
+def test_server_counts_every_introspective_prediction_and_disagreement_when_served(
+    triton_server, digits
+) -> None:
+    # Digits overlaid in pairs: inputs on which the two stages sometimes disagree.
+    images, _ = digits
+    mixed = np.clip(images[:32] + images[32:64], 0.0, 1.0)
+    before = settled(lambda: _introspective_counts(triton_server))
+    got = infer(triton_server, "grpc", mixed, [INTROSPECTIVE_AGREES])
+    infer(triton_server, "http", images[:8], [LABEL])  # not introspective: not counted
+    after = settled(lambda: _introspective_counts(triton_server))
+    disagreements = int((~got[INTROSPECTIVE_AGREES][:, 0]).sum())
+    assert disagreements > 0  # 2 of 32 with the committed demo network
+    assert after[0] - before[0] == 32
+    assert after[1] - before[1] == disagreements
