@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
     )
     model, log = train_introspective(logits, features, data.calibration_labels, config)
-    out = export_onnx(model, onnx_path.parent / INTROSPECTION_ONNX)
+    out = export_onnx(model, entry / "1" / INTROSPECTION_ONNX)
     summary = {
         "data": f"{data.name}; training part",
         "seed": args.seed,
