@@ -74,9 +74,13 @@ class RecordingCalibration:
         self.real = real
         self.mapped = 0
 
-    def apply(self, gradtrust: np.ndarray) -> np.ndarray:
-        self.mapped += len(gradtrust)
-        return self.real.apply(gradtrust)
+    @property
+    def needs_features(self) -> bool:
+        return self.real.needs_features
+
+    def apply(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        self.mapped += len(logits)
+        return self.real.apply(logits, features)
 
 
 def _service(classifier: Any = None, calibration: Any = None) -> TrustService:
@@ -133,22 +137,27 @@ def test_service_gives_each_request_its_own_outputs_with_unchanged_values_when_t
             np.testing.assert_array_equal(value, full[name][part])
 
 
-def test_service_maps_gradtrust_to_trust_prob_only_when_some_request_names_it(digits):
+def test_service_computes_trust_prob_for_every_prediction_but_returns_it_only_when_named(
+    digits,
+):
+    # Every prediction's TRUST_PROB feeds the metrics (low trust is judged on it), so a
+    # calibrated entry computes it for the whole batch; only requests naming it get it.
     calibration = RecordingCalibration()
     service = _service(calibration=calibration)
     images = digits[0][:4]
-    service.run([ScoringRequest(images, PLAIN, frozenset({GRADTRUST, LABEL}))])
-    assert calibration.mapped == 0
+    result = service.run([ScoringRequest(images, PLAIN, frozenset({GRADTRUST, LABEL}))])
+    assert calibration.mapped == 4
+    assert isinstance(result.answers[0], dict) and TRUST_PROB not in result.answers[0]
+    assert result.trust_prob is not None and result.trust_prob.shape == (4,)
     answers = service.run(
         [
             ScoringRequest(images[:2], PLAIN, frozenset({GRADTRUST})),
             ScoringRequest(images[2:], PLAIN, frozenset({TRUST_PROB})),
         ]
     ).answers
-    assert calibration.mapped > 0
     assert isinstance(answers[1], dict) and set(answers[1]) == {TRUST_PROB}
-    logits = OnnxClassifier(DEMO_ONNX).run(images[2:], [LOGITS])[LOGITS]
-    expected = calibration.real.apply(scores.gradtrust(logits))
+    net = OnnxClassifier(DEMO_ONNX).run(images[2:], [LOGITS, FEATURES])
+    expected = calibration.real.apply(net[LOGITS], net[FEATURES])
     np.testing.assert_allclose(answers[1][TRUST_PROB][:, 0], expected, rtol=1e-6)
 
 
