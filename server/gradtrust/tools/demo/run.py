@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gradtrust.ops.tritonserver import Ports, free_port, start_server
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]  # server/gradtrust/tools/demo/run.py -> repo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
