@@ -57,7 +57,8 @@ Degenerate inputs, by design:
 - **C = 2**: gradtrust = ``2 (z_P - z_Q)`` and contrast_trust = ``exp(2 (z_P - z_Q))``.
 - **Huge logit gaps** (1e3, 1e30): every score stays finite. gradtrust grows like
   ``2 gap`` with no tie among confident predictions; only beyond a gap of
-  ``float64 max / 4`` (4.5e307) does it saturate, at about 9e307. contrast_trust
+  ``float64 max / 4`` (4.5e307) does it saturate, at about 9e307 (served as float32,
+  GRADTRUST is clipped to 3.4e38, reached only past a gap of 1.7e38). contrast_trust
   saturates at ``np.finfo(np.float64).max`` where its true value exceeds float64.
 - **Ties** for the largest logit: P is the lowest tied index (:func:`predicted_class`).
   No score depends on how ties are broken, only on the tied values.
