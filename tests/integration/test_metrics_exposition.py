@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from gradtrust.ops.exporter import MetricsExporter
 from gradtrust.ops.processes import stubs_launched_by
@@ -203,11 +204,21 @@ def test_counts_are_exact_when_two_instances_share_concurrent_clients_of_mixed_b
         "gradtrust_trust_probability_count",
     ):
         assert _total(after, name, DEMO_MODEL) - _total(before, name, DEMO_MODEL) == sent, name
-    # Both instances served (each stub writes its own file), and the sums are over both.
+    # Each of the three stubs writes its own files; both instances of the demo model
+    # counted predictions, and the endpoint's totals above are their sums.
     directory = Path(production_pair.exporter.directory)
-    pids = {p.name.split("_")[-1] for p in directory.glob("histogram_*.db")}
     stubs = stubs_launched_by(production_pair.process.pid)
-    assert len(stubs) == 3 and len(pids) == 3, (stubs, pids)
+    assert len(stubs) == 3 and len(list(directory.glob("counter_*.db"))) == 3, stubs
+    serving = [
+        path
+        for path in directory.glob("counter_*.db")
+        if any(
+            s.name == "gradtrust_predictions_total" and s.labels["model"] == DEMO_MODEL and s.value
+            for family in MultiProcessCollector.merge([str(path)])
+            for s in family.samples
+        )
+    ]
+    assert len(serving) == 2, f"only {len(serving)} of the two instances served"
 
 
 def _rules_firing_quickly(work: Path, alert: str) -> list[Path]:
