@@ -289,9 +289,9 @@ def minmax_normalize(maps: ArrayLike) -> Floats:
 
 def _constant(maps: Floats) -> NDArray[np.bool_]:
     """Per map (..., h, w): all values equal, so every upsampling of it is constant too."""
-    first = maps[..., :1, :1]
-    flat: NDArray[np.bool_] = (maps == first).all(axis=(-2, -1), keepdims=True)
-    return flat
+    flat_maps = maps.reshape(*maps.shape[:-2], -1)
+    flat: NDArray[np.bool_] = (flat_maps == flat_maps[..., :1]).all(axis=-1)
+    return flat[..., None, None]
 
 
 def weighted_sum(activation: ArrayLike, weights: ArrayLike) -> Floats:
@@ -348,9 +348,9 @@ def _normalized_low_res(relu: Floats, rows: _Axis, cols: _Axis) -> Floats:
     r = rows.matrix[rows.extremes]  # (er, h)
     c = cols.matrix[cols.extremes]  # (ec, w)
     at_cols = (relu.reshape(-1, w) @ c.T).reshape(n * m, h, -1)  # (nm, h, ec)
-    values = np.matmul(r, at_cols)  # (nm, er, ec): faster here than one reshaped 2-D product
-    low = values.min(axis=(-2, -1)).reshape(n, m, 1, 1)
-    span = values.max(axis=(-2, -1)).reshape(n, m, 1, 1) - low
+    values = np.matmul(r, at_cols).reshape(n, m, -1)  # (n, m, er * ec)
+    low = values.min(axis=-1)[:, :, None, None]  # one flat axis: numpy reduces it far faster
+    span = values.max(axis=-1)[:, :, None, None] - low
     return _normalize(relu, low, span, (span <= 0) | _constant(relu))
 
 
@@ -535,11 +535,17 @@ def voice(
     a, h, pred = _checked(activation, head, predicted, "predicted")
     n, k, height, width = a.shape
     p = _as_probs(probs, n, h.num_classes)
-    cams = (h.weight @ a.reshape(n, k, height * width)) / (height * width)  # (N, C, hw)
+    # One (C, K) x (K, N h w) product, so the head is read once for the whole batch.
+    columns = a.reshape(n, k, height * width).transpose(1, 0, 2).reshape(k, -1)
+    cams = (h.weight @ columns).reshape(h.num_classes, n, -1).transpose(1, 0, 2)
+    cams /= height * width  # (N, C, hw): S_c for every class
     mixed = p[:, None, :] @ cams  # (N, 1, hw): sum_c p_c S_c
     raw_contrast = (mixed - cams).reshape(n, h.num_classes, height, width)
-    maps = voice_maps(raw_contrast, pred, size)
     explanation = finish_maps(_gradcam_raw(a, h, pred), size)
+    # One sample at a time: its (H, W) temporaries stay in cache (a batch's do not).
+    maps = np.concatenate(
+        [voice_maps(raw_contrast[i : i + 1], pred[i : i + 1], size) for i in range(n)]
+    )
     return maps, voice_statistics(maps, explanation)
 
 
