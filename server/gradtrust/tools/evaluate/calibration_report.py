@@ -122,6 +122,14 @@ def markdown(
         "data (folds by source image); the chosen candidate then refitted on all of it. "
         "Candidates: every input, softmax confidence paired with each other input "
         "(`msp+NAME`), and the combination of all inputs.",
+        "- Out-of-fold AUROC minus softmax confidence's, by part: "
+        + (
+            ", ".join(
+                f"{part} {gain:+.3f} (SE {selection.gain_se[signal.name].get(part, math.nan):.3f})"
+                for part, gain in selection.gain.get(signal.name, {}).items()
+            )
+            or "(softmax confidence itself)"
+        ),
         f"- Low-trust threshold on TRUST_PROB: {calibration.low_trust_threshold:.4f} "
         f"({calibration.target}; {100 * calibration.achieved_on_calibration:.1f} % on the "
         "calibration data).",
