@@ -219,7 +219,7 @@ def risk_coverage(
                 else (
                     {"color": "k", "lw": 1.8}
                     if name == RAW_CONFIDENCE
-                    else {"color": f"C{i}", "lw": 1.0}
+                    else {"color": ("C0", "C1", "C2", "C4")[i % 4], "lw": 1.0}
                 )
             )
             label = "softmax confidence" if name == RAW_CONFIDENCE else name
