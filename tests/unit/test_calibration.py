@@ -534,3 +534,27 @@ def test_calibrate_exits_2_and_says_why_when_the_data_has_too_few_errors(tmp_pat
     assert _calibrate(repo, path, tmp_path / "report") == 2
     assert "wrong predictions" in capsys.readouterr().err
     assert not (repo / "gradtrust_mnist" / "trust_calibration.json").exists()
+
+
+class _NoFeatures:
+    """The demo classifier as a model without a 'features' output would present itself."""
+
+    def __init__(self) -> None:
+        self.real = OnnxClassifier(DEMO_ONNX)
+        self.num_classes = self.real.num_classes
+        self.input_shape = self.real.input_shape
+        self.has_features = False
+        self.has_activation = False
+
+
+def test_service_refuses_a_calibration_when_its_signal_needs_features_the_model_lacks():
+    from gradtrust.serving.service import TrustService
+    from gradtrust.serving.settings import ModelSettings
+
+    calibration = load_model_calibration(ENTRY)
+    assert calibration is not None and calibration.needs_features
+    settings = ModelSettings.from_parameters(
+        {"pixel_range": "0,1", "scores": "msp"}, tuple(str(i) for i in range(10))
+    )
+    with pytest.raises(ConfigError, match="re-run `gradtrust calibrate`"):
+        TrustService(_NoFeatures(), settings, calibration=calibration)  # type: ignore[arg-type]

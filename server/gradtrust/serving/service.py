@@ -106,6 +106,13 @@ class TrustService:
                 "config parameter 'scores' includes gradnorm, which needs a 'features' output "
                 "the model does not have: remove it or re-export with `gradtrust prepare`"
             )
+        if calibration is not None and calibration.needs_features and not classifier.has_features:
+            raise ConfigError(
+                "trust_calibration.json computes TRUST_PROB from "
+                f"{list(calibration.signal.inputs)}, which need a 'features' output this "
+                "model does not have: re-run "
+                "`gradtrust calibrate` for this entry"
+            )
         if introspector is not None and not classifier.has_features:
             raise ConfigError(
                 "the entry has an introspective network, which needs the model's 'features' "
@@ -115,7 +122,7 @@ class TrustService:
         self.settings = settings
         #: The second stage (INTROSPECTIVE_* outputs, on request), from `gradtrust introspect`.
         self.introspector = introspector
-        self.calibration = calibration  # GradTrust -> P(correct), from `gradtrust calibrate`
+        self.calibration = calibration  # TRUST_PROB from logits (and h): `gradtrust calibrate`
         # The head weight as the maps use it (float64, checked), once per model, not per request.
         self.head = (
             heatmaps.Head.from_weight(classifier.head_weight())
