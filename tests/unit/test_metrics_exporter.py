@@ -95,3 +95,13 @@ def test_exporter_names_the_port_when_it_is_taken():
         port = taken.getsockname()[1]
         with pytest.raises(ServerError, match=f"{port}.*--metrics-port"):
             MetricsExporter(port, "127.0.0.1").start()
+
+
+def test_exporter_listens_on_ipv6_when_given_an_ipv6_address():
+    if not socket.has_ipv6:
+        pytest.skip("this host has no IPv6")  # the loopback ::1 exists wherever IPv6 does
+    with MetricsExporter(0, "::1") as exporter:
+        (host, _), *_ = exporter.listening()
+        status, text = _get(exporter.url)
+    assert host == "::1" and exporter.url.startswith("http://[::1]:")
+    assert status == 200 and "gradtrust_triton_up" in text

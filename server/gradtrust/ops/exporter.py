@@ -73,6 +73,12 @@ def _free_loopback_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _IPv6Server(http.server.ThreadingHTTPServer):
+    """For ``--address ::`` (or another IPv6 address)."""
+
+    address_family = socket.AF_INET6
+
+
 class _ServeCollector(Collector):
     """The exporter's own gauges, evaluated per scrape."""
 
@@ -127,8 +133,14 @@ class MetricsExporter:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.address in ("", "0.0.0.0") else self.address
-        return f"http://{host}:{self.port}/metrics"
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(
+            self.address, self.address
+        )
+        return (
+            f"http://[{host}]:{self.port}/metrics"
+            if ":" in host
+            else f"http://{host}:{self.port}/metrics"
+        )
 
     @property
     def environment(self) -> dict[str, str]:
@@ -201,7 +213,8 @@ class MetricsExporter:
                 pass  # one line per scrape would drown the server log
 
         try:
-            self._server = http.server.ThreadingHTTPServer((self.address, self.port), Handler)
+            server_class = _IPv6Server if ":" in self.address else http.server.ThreadingHTTPServer
+            self._server = server_class((self.address, self.port), Handler)
         except OSError as err:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
