@@ -8,6 +8,7 @@ pass the served GRADTRUST, CONFIDENCE, TRUST_PROB and correctness to
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,9 @@ from gradtrust.core.calibration import ThresholdTarget
 from gradtrust.errors import InvalidInputError
 from gradtrust.tools.evaluate.calibration import (
     CalibrationRefused,
+    achieved,
     check_heldout,
+    choose_threshold,
     fit_trust_calibration,
 )
 from gradtrust.tools.evaluate.runner import Evaluation, LabelledData, Plan, demo_data
@@ -65,46 +68,59 @@ def heldout_set(mix: str = "clean", seed: int = 0) -> tuple[NDArray[np.float32],
     return images, labels
 
 
-def round_trip_row(
+def round_trip_rows(
     fit_on: str,
     checked_on: str,
     fit: tuple[dict[str, NDArray[np.float64]], NDArray[np.bool_], NDArray[np.int64]],
     held: tuple[dict[str, NDArray[np.float64]], NDArray[np.bool_]],
-    target: ThresholdTarget,
+    targets: tuple[ThresholdTarget, ...] = TARGETS,
     contrast_k: int = 3,
-) -> dict[str, Any]:
-    """Fit TRUST_PROB on one set (inputs, correctness, source image of each sample), check
-    it on another: the numbers the evaluation reports."""
+) -> list[dict[str, Any]]:
+    """Fit TRUST_PROB once on one set (inputs, correctness, source image of each sample),
+    pick the threshold of each target on it, and check each on another set: one row per
+    target, the numbers the evaluation reports."""
     cal_inputs, cal_correct, cal_groups = fit
     held_inputs, held_correct = held
-    row: dict[str, Any] = {
+    base: dict[str, Any] = {
         "fit_on": fit_on,
         "checked_on": checked_on,
         "fit_samples": int(cal_correct.size),
         "fit_wrong": int(np.count_nonzero(~cal_correct)),
         "heldout_samples": int(held_correct.size),
-        "target": str(target),
     }
     try:
-        calibration, _, _ = fit_trust_calibration(
-            cal_inputs, cal_correct, cal_groups, target, contrast_k
+        fitted, _, _ = fit_trust_calibration(
+            cal_inputs, cal_correct, cal_groups, targets[0], contrast_k
         )
     except CalibrationRefused as err:
-        return row | {"refused": str(err)}
-    check = check_heldout(
-        calibration, calibration.map(calibration.signal(held_inputs)), held_inputs["msp"],
-        held_correct,
-    )  # fmt: skip
-    return row | {
-        "signal": calibration.signal.name,
-        "threshold": calibration.low_trust_threshold,
-        "achieved_fit": calibration.achieved_on_calibration,
-        "achieved_heldout": check.achieved,
-        "tolerance": check.tolerance,
-        "target_met": check.target_met,
-        "ece_trust_prob": check.ece_trust_prob,
-        "ece_softmax": check.ece_confidence,
-    }
+        return [base | {"target": str(t), "refused": str(err)} for t in targets]
+    fit_prob = fitted.map(fitted.signal(cal_inputs))
+    held_prob = fitted.map(fitted.signal(held_inputs))
+    rows = []
+    for target in targets:
+        threshold = choose_threshold(fit_prob, cal_correct, target)
+        calibration = replace(
+            fitted,
+            target=target,
+            low_trust_threshold=threshold,
+            achieved_on_calibration=achieved(fit_prob, cal_correct, threshold, target.kind),
+        )
+        check = check_heldout(calibration, held_prob, held_inputs["msp"], held_correct)
+        rows.append(
+            base
+            | {
+                "target": str(target),
+                "signal": calibration.signal.name,
+                "threshold": threshold,
+                "achieved_fit": calibration.achieved_on_calibration,
+                "achieved_heldout": check.achieved,
+                "tolerance": check.tolerance,
+                "target_met": check.target_met,
+                "ece_trust_prob": check.ece_trust_prob,
+                "ece_softmax": check.ece_confidence,
+            }
+        )
+    return rows
 
 
 def shifted_calibration(
@@ -152,16 +168,12 @@ def evaluate_round_trips(
     if cal.logits is None:
         return rows
     cal_fit = (cal.calibration_inputs(), cal_ok, np.arange(cal_ok.size, dtype=np.int64))
-    for target in TARGETS:
-        rows.append(
-            round_trip_row(
-                "calibration split, clean",
-                "test split, clean",
-                cal_fit,
-                (clean.calibration_inputs(), clean_ok),
-                target,
-            )
-        )
+    rows += round_trip_rows(
+        "calibration split, clean",
+        "test split, clean",
+        cal_fit,
+        (clean.calibration_inputs(), clean_ok),
+    )
     sweep_keys = [k for k in evaluation.scored if "@" in k]
     if not sweep_keys:
         return rows
@@ -169,15 +181,11 @@ def evaluate_round_trips(
     held_parts = [evaluation.scored[k][0].calibration_inputs() for k in sweep_keys]
     held_inputs = {n: np.concatenate([p[n] for p in held_parts]) for n in held_parts[0]}
     held_ok = np.concatenate([evaluation.scored[k][1] for k in sweep_keys])
-    for target in TARGETS:
-        rows.append(
-            round_trip_row(
-                f"calibration split x {len(plan.corruptions)} corruptions x "
-                f"{len(plan.severities)} severities",
-                "test sweeps (same corruptions)",
-                shifted_fit,
-                (held_inputs, held_ok),
-                target,
-            )
-        )
+    rows += round_trip_rows(
+        f"calibration split x {len(plan.corruptions)} corruptions x "
+        f"{len(plan.severities)} severities",
+        "test sweeps (same corruptions)",
+        shifted_fit,
+        (held_inputs, held_ok),
+    )
     return rows
