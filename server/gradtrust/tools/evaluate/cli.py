@@ -218,11 +218,17 @@ def _calibrate(args: argparse.Namespace) -> int:
     scorer: Scorer = in_process
     if data.to_input is not None:
         scorer = PreprocessingScorer(in_process, data.to_input)
-    grey = data.calibration_images.ndim == 4 and data.calibration_images.shape[1] == 1
+    stored = (data.calibration_images, data.test_images)
+    # The corruptions take grayscale pixels in [0, 1]: an image folder's pixels always are in
+    # that range, an .npz's network input only for some models.
+    grey = all(x.ndim == 4 and x.shape[1] == 1 and (x.size == 0 or (x.min() >= 0 and x.max() <= 1))
+               for x in stored)  # fmt: skip
     if args.mix == "corruptions" and not grey:
         raise ConfigError(
-            "--mix corruptions needs grayscale images (the product's corruptions are made for "
-            f"one channel); these have shape {data.calibration_images.shape[1:]}: use --mix clean"
+            "--mix corruptions needs grayscale images with pixels in [0, 1] (what the product's "
+            f"corruptions take); these have shape {data.calibration_images.shape[1:]} and range "
+            f"[{data.calibration_images.min():g}, {data.calibration_images.max():g}]: use --mix "
+            "clean, or pass an image folder"
         )
     images, labels, groups = calibration_set(data, args.mix, args.seed)
     # The clean images come first; their corrupted copies form a second part.
@@ -279,7 +285,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         keep[: subset.size] = False  # the clean copies are the clean part already
         held.append(("shifted", shifted[keep], shifted_labels[keep], shifted_groups[keep]))
     else:
-        print("shifted held-out data: skipped (the corruptions need grayscale images)")
+        print("shifted held-out data: skipped (the corruptions need grayscale pixels in [0, 1])")
     for part, x, y, g in held:
         held_scored = _score_all(scorer, x, f"held-out {part}")
         parts.append(
