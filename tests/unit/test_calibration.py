@@ -558,3 +558,18 @@ def test_service_refuses_a_calibration_when_its_signal_needs_features_the_model_
     )
     with pytest.raises(ConfigError, match="re-run `gradtrust calibrate`"):
         TrustService(_NoFeatures(), settings, calibration=calibration)  # type: ignore[arg-type]
+
+
+def test_calibrate_fits_from_an_image_folder_when_given_one_with_corruptions_mixed_in(
+    tmp_path, digits, capsys
+):
+    repo = _repo_copy(tmp_path)
+    _write_class_folders(tmp_path / "images", digits[0], digits[1], "png")
+    code = _calibrate(repo, tmp_path / "images", tmp_path / "report", "--mix", "corruptions")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    cal = load_model_calibration(repo / "gradtrust_mnist")
+    assert cal is not None
+    # 60 % of the 128 digits, each as it is and in 50 corrupted copies.
+    assert cal.fitted_on["samples"] % 51 == 0 and 70 * 51 <= cal.fitted_on["samples"] <= 85 * 51
+    assert "images" in cal.fitted_on["data"]
