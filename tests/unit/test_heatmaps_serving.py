@@ -17,7 +17,10 @@ from gradtrust.serving.settings import (
     RequestOptions,
     parse_request,
 )
+from gradtrust_client import TrustClient, overlay_png, upsample_heatmap
+from gradtrust_client.errors import InvalidImageError, InvalidRequestError
 from tests.conftest import DEMO_ONNX, MODEL_REPOSITORY
+from tests.unit.test_client_unit import FakeTransport
 
 LABELS = (MODEL_REPOSITORY / "gradtrust_mnist" / "labels.txt").read_text().split()
 
@@ -132,3 +135,38 @@ def test_service_refuses_every_voice_request_saying_it_is_off_when_cap_is_zero(d
     answer = service.run([ScoringRequest(digits[0][:1], _options("voice"))]).answers[0]
     assert isinstance(answer, InvalidInputError)
     assert "turned off" in str(answer) and "'max_voice_images' is 0" in str(answer)
+
+
+# --------------------------------------------------------------------------- the client
+
+
+@pytest.fixture
+def fake_client() -> tuple[TrustClient, FakeTransport]:
+    client = TrustClient("fake:8000")
+    fake = FakeTransport()
+    client._transport = fake  # type: ignore[assignment]
+    return client, fake
+
+
+def test_trust_client_sends_heatmap_size_only_when_activation_is_asked(fake_client) -> None:
+    client, fake = fake_client
+    images = np.zeros((1, 1, 28, 28), np.float32)
+    client.explain(images, "gradcam")
+    client.explain(images, "voice", heatmap_size="activation")
+    assert fake.calls[0][2] == {"heatmap_method": "gradcam"}
+    assert fake.calls[1][2] == {"heatmap_method": "voice", "heatmap_size": "activation"}
+    with pytest.raises(InvalidRequestError, match="unknown heatmap_size 'full'.*input, activation"):
+        client.explain(images, "gradcam", heatmap_size="full")
+
+
+def test_upsample_heatmap_zeroes_constant_maps_and_refuses_wrong_shapes() -> None:
+    np.testing.assert_array_equal(upsample_heatmap(np.full((7, 7), 0.4), (28, 28)), 0.0)
+    with pytest.raises(InvalidImageError, match=r"\(h, w\) or \(N, h, w\)"):
+        upsample_heatmap(np.zeros(7), (28, 28))
+
+
+def test_overlay_png_upsamples_activation_resolution_map_when_sizes_differ(tmp_path) -> None:
+    low = np.zeros((7, 7))
+    low[3, 3] = 1.0
+    out = overlay_png(np.zeros((1, 28, 28)), low, "Why 7?", tmp_path / "o.png", scale=2)
+    assert out.is_file() and out.stat().st_size > 0
