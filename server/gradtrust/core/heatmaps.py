@@ -36,10 +36,12 @@ min-max normalising it again gives exactly the input-size map (bilinear weights 
 non-negative and sum to 1, so upsampling commutes with the affine min-max step).
 
 VOICE is computed exactly as defined (each contrast map upsampled and normalised, the
-per-pixel variance over them at the requested size) but in O(C h w + H W) per sample
-instead of O(C H W), by the linearity of upsampling (:func:`voice_maps`). ``Head`` holds the
-head weight converted and checked once, when the model loads; :func:`explain` also accepts
-a raw weight array (then converted on every call).
+per-pixel variance over them at the requested size), not redefined at the activation's
+resolution: the definition is kept, so VOICE maps mean what they meant before and what the
+literal reference computes. By the linearity of upsampling (:func:`voice_maps`) it costs
+O(C h w + H W) per sample after the C raw maps (one (C, K) x (K, h w) product), instead of
+O(C H W). ``Head`` holds the head weight converted and checked once, when the model loads;
+:func:`explain` also accepts a raw weight array (then converted on every call).
 
 Ranges: every map is float64 in [0, 1], higher = more relevant to its question (for
 ``voice``: more disagreement between the contrast explanations, i.e. less trust in the
