@@ -13,8 +13,6 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from gradtrust.serving.settings import DEFAULT_METRICS_FLUSH_SECONDS
-
 T = TypeVar("T")
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
@@ -69,14 +67,13 @@ def read_until_ready(proc: subprocess.Popen[str], timeout_s: float = 120) -> str
 
 
 def settled(read: Callable[[], T], timeout_s: float = 30.0) -> T:
-    """``read()`` once it stops changing: the model publishes its gradtrust_* metrics every
-    ``metrics_flush_seconds`` (1 s by default), so a value that held still for longer than
-    that includes every prediction answered before the call."""
-    quiet_s = DEFAULT_METRICS_FLUSH_SECONDS + 0.5
+    """``read()`` once two reads 0.1 s apart agree. The stubs write their counts before a
+    batch's answers leave the server, so a read after the answers normally agrees at once;
+    the second read guards against a batch still in flight from another client."""
     deadline = time.monotonic() + timeout_s
     last = read()
     while time.monotonic() < deadline:
-        time.sleep(quiet_s)
+        time.sleep(0.1)
         now = read()
         if now == last:
             return now

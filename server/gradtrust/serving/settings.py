@@ -45,8 +45,6 @@ DEFAULT_MAX_VOICE_IMAGES = 8
 #: most about 4 x that of a full batch of model-size images (docs/SECURITY.md).
 DEFAULT_DECODED_PIXELS_FACTOR = 16.0
 DEFAULT_REQUEST_DECODED_PIXELS_FACTOR = 4.0
-#: Default seconds between metric flushes (config parameter metrics_flush_seconds).
-DEFAULT_METRICS_FLUSH_SECONDS = 1.0
 
 
 def parse_score_names(text: str | Sequence[str], where: str) -> tuple[str, ...]:
@@ -112,9 +110,6 @@ class ModelSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     #: Largest height x width of one IMAGE (variable-size inputs).
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    #: Seconds between flushes of the aggregated gradtrust_* metrics to Triton's endpoint:
-    #: the cost of monitoring is then per flush, not per prediction (gradtrust.serving.telemetry).
-    metrics_flush_seconds: float = DEFAULT_METRICS_FLUSH_SECONDS
     #: Most images in one request with ``heatmap_method=voice`` (gradtrust.serving.service).
     max_voice_images: int = DEFAULT_MAX_VOICE_IMAGES
     #: Pixels one decoded IMAGE_BYTES file may have, as a multiple of the model's input
@@ -128,7 +123,7 @@ class ModelSettings:
         """Validate config parameters; raises :class:`ConfigError` naming the bad key."""
         known = {"scores", "contrast_k", "low_trust_threshold", "pixel_range", "onnx_file"}
         known |= {*IMAGE_PARAMETERS, *BLS_PARAMETERS}  # read by gradtrust.serving.decoding, .bls
-        known |= {"max_request_bytes", "max_image_pixels", "metrics_flush_seconds"}
+        known |= {"max_request_bytes", "max_image_pixels"}
         known |= {"max_voice_images", IMAGE_FACTOR, REQUEST_FACTOR}
         unknown = sorted(set(params) - known)
         if unknown:
@@ -156,16 +151,6 @@ class ModelSettings:
             image_factor = _factor(params, IMAGE_FACTOR, DEFAULT_DECODED_PIXELS_FACTOR)
             request_factor = _factor(params, REQUEST_FACTOR, DEFAULT_REQUEST_DECODED_PIXELS_FACTOR)
             threshold = float(params.get("low_trust_threshold", "0"))
-            flush_text = params.get("metrics_flush_seconds", str(DEFAULT_METRICS_FLUSH_SECONDS))
-            try:
-                flush = float(flush_text)
-            except ValueError:
-                flush = math.nan
-            if not 0.0 < flush <= 60.0:
-                raise ValueError(
-                    f"metrics_flush_seconds must be in (0, 60], got {flush_text!r}: metrics reach "
-                    "the endpoint that many seconds after the predictions they count"
-                )
             lo = hi = None
             if params.get("pixel_range", "").strip():
                 lo, hi = (float(v) for v in params["pixel_range"].split(","))
@@ -184,7 +169,6 @@ class ModelSettings:
             hi,
             max_request_bytes=max_bytes,
             max_image_pixels=max_pixels,
-            metrics_flush_seconds=flush,
             max_voice_images=max_voice,
             decoded_pixels_factor=image_factor,
             request_decoded_pixels_factor=request_factor,
