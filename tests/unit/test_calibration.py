@@ -358,6 +358,31 @@ def test_choose_threshold_catches_the_errors_when_target_is_an_error_recall():
         choose_threshold(scores, np.ones(8, bool), ThresholdTarget("error_recall", 0.5))
 
 
+@pytest.mark.parametrize(
+    "target", [ThresholdTarget("flag_rate", 0.3), ThresholdTarget("error_recall", 0.6)]
+)
+def test_choose_threshold_counts_a_sample_as_its_copies_when_weights_are_whole_numbers(target):
+    rng = np.random.default_rng(12)
+    scores, correct = rng.normal(size=40), rng.random(40) < 0.6
+    weights = rng.integers(1, 5, 40)
+    copies = np.repeat(np.arange(40), weights)
+    weighted = choose_threshold(scores, correct, target, weights.astype(float))
+    assert weighted == choose_threshold(scores[copies], correct[copies], target)
+    got = achieved(scores, correct, weighted, target.kind, weights.astype(float))
+    assert got == pytest.approx(achieved(scores[copies], correct[copies], weighted, target.kind))
+
+
+def test_probability_map_counts_a_sample_as_its_copies_when_weights_are_whole_numbers():
+    rng = np.random.default_rng(13)
+    signal, correct = rng.normal(size=200), rng.random(200) < 0.7
+    weights = rng.integers(1, 4, 200)
+    copies = np.repeat(np.arange(200), weights)
+    a = fit_probability_map(signal, correct, min_block=20, weights=weights.astype(float))
+    b = fit_probability_map(signal[copies], correct[copies], min_block=20)
+    np.testing.assert_allclose(a.x, b.x)
+    np.testing.assert_allclose(a.y, b.y)
+
+
 @pytest.mark.parametrize("text", ["flag-rate", "recall=0.5", "flag-rate=1.5", "flag-rate=x"])
 def test_threshold_target_refuses_text_when_malformed(text):
     with pytest.raises(InvalidInputError):

@@ -89,7 +89,10 @@ def _smoothed(hits: float, n: float) -> float:
 
 
 def fit_probability_map(
-    signal: ArrayLike, correct: ArrayLike, min_block: int | None = None
+    signal: ArrayLike,
+    correct: ArrayLike,
+    min_block: int | None = None,
+    weights: ArrayLike | None = None,
 ) -> ProbabilityMap:
     """Centred isotonic regression of correctness on the signal, with a minimum block size
     and Laplace smoothing (the reasons are in :class:`ProbabilityMap`).
@@ -98,17 +101,19 @@ def fit_probability_map(
     ``min_block`` (default ``max(30, 1 % of N)``) into the neighbour whose accuracy is
     closer (merging neighbours keeps the fit monotone); smooth each block's accuracy to
     ``(right + 1) / (n + 2)`` and pool again wherever smoothing broke the order. One knot
-    per block at its mean signal.
+    per block at its mean signal. ``weights`` (summing to N) weigh the samples, block sizes
+    included.
     """
     s = np.asarray(signal, dtype=np.float64).ravel()
     c = np.asarray(correct).astype(bool).ravel()
+    w = np.ones(s.size) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
     if s.size == 0 or s.size != c.size or not np.isfinite(s).all():
         raise InvalidInputError("a probability map needs finite signal values, one per label")
     m = max(MIN_BLOCK, math.ceil(BLOCK_FRACTION * s.size)) if min_block is None else min_block
     values, inverse = np.unique(s, return_inverse=True)
-    counts = np.bincount(inverse).astype(np.float64)
-    hits = np.bincount(inverse, weights=c.astype(np.float64))
-    sx, sh, sn = _pav(values.astype(np.float64), hits.astype(np.float64), counts)
+    counts = np.bincount(inverse, weights=w)
+    hits = np.bincount(inverse, weights=w * c)
+    sx, sh, sn = _pav(values.astype(np.float64), hits.astype(np.float64), counts.astype(np.float64))
     while len(sn) > 1 and min(sn) < m:
         i = int(np.argmin(sn))
         if i == 0:
@@ -436,19 +441,33 @@ def select_signal(
 # ---- thresholds -----------------------------------------------------------------------------
 
 
-def achieved(scores: ArrayLike, correct: ArrayLike, threshold: float, kind: TargetKind) -> float:
+def achieved(
+    scores: ArrayLike,
+    correct: ArrayLike,
+    threshold: float,
+    kind: TargetKind,
+    weights: ArrayLike | None = None,
+) -> float:
     """The flag rate (share of all samples with score < threshold) or the error recall
-    (share of wrong predictions with score < threshold); nan for recall with no errors."""
+    (share of wrong predictions with score < threshold), shares by ``weights`` when given;
+    nan for recall with no errors."""
     s = np.asarray(scores, dtype=np.float64)
+    w = np.ones(s.shape) if weights is None else np.asarray(weights, dtype=np.float64)
     flagged = s < threshold
     if kind == "flag_rate":
-        return float(np.mean(flagged))
+        return float(np.average(flagged, weights=w))
     wrong = ~np.asarray(correct).astype(bool)
-    return float(np.mean(flagged[wrong])) if wrong.any() else math.nan
+    return float(np.average(flagged[wrong], weights=w[wrong])) if wrong.any() else math.nan
 
 
-def choose_threshold(scores: ArrayLike, correct: ArrayLike, target: ThresholdTarget) -> float:
-    """The threshold (low trust = score < threshold) that meets ``target`` on these samples.
+def choose_threshold(
+    scores: ArrayLike,
+    correct: ArrayLike,
+    target: ThresholdTarget,
+    weights: ArrayLike | None = None,
+) -> float:
+    """The threshold (low trust = score < threshold) that meets ``target`` on these samples
+    (each counted with its weight, when ``weights`` are given).
 
     flag_rate X: the highest threshold flagging at most X of the samples. error_recall Y:
     the lowest threshold flagging at least Y of the wrong predictions. The threshold is
@@ -458,20 +477,25 @@ def choose_threshold(scores: ArrayLike, correct: ArrayLike, target: ThresholdTar
     c = np.asarray(correct).astype(bool).ravel()
     if s.size == 0 or s.size != c.size or not np.isfinite(s).all():
         raise InvalidInputError("choose_threshold needs finite scores and one label per score")
+    w = np.ones(s.size) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
     values = np.unique(s)
-    below = np.searchsorted(np.sort(s), values, side="left")  # #(s < value) per value
+    order = np.argsort(s, kind="stable")
+    cumulative = np.concatenate(([0.0], np.cumsum(w[order])))
+    below = cumulative[np.searchsorted(s[order], values, side="left")]  # weight of s < value
     if target.kind == "flag_rate":
-        allowed = np.flatnonzero(below <= target.value * s.size + 1e-9)
+        allowed = np.flatnonzero(below <= target.value * cumulative[-1] * (1 + 1e-12))
         i = int(allowed[-1])  # below[0] == 0, so there is always one
         return float(values[0]) if i == 0 else float((values[i - 1] + values[i]) / 2.0)
-    wrong = np.sort(s[~c])
-    if wrong.size == 0:
+    if c.all():
         raise InvalidInputError(
             "an error-recall target needs wrong predictions in the calibration data; "
             "use a flag-rate target or harder calibration data (--mix corruptions)"
         )
-    need = int(np.ceil(np.round(target.value * wrong.size, 9)))
-    last = wrong[need - 1]  # flag every sample <= last
+    wrong_order = np.argsort(s[~c], kind="stable")
+    wrong = s[~c][wrong_order]
+    caught = np.cumsum(w[~c][wrong_order])
+    need = target.value * caught[-1] * (1 - 1e-12)
+    last = wrong[int(np.searchsorted(caught, need, side="left"))]  # flag every sample <= last
     higher = values[values > last]
     return float((last + higher[0]) / 2.0) if higher.size else float(np.nextafter(last, np.inf))
 
@@ -504,7 +528,9 @@ def fit_trust_calibration(
     """Choose the signal, refit it (and, for the report, every single input and the full
     combination) on all of the calibration data, fit each one's probability map, and the
     threshold on the chosen TRUST_PROB. ``parts`` marks clean (0) and shifted (1) samples:
-    both then weigh the same in the logistic fits and in the choice.
+    both then weigh the same in the logistic fits, the choice, the probability map and the
+    threshold (TRUST_PROB then describes traffic that is half clean, half shifted, not
+    one that is 98 % corrupted copies).
 
     Returns the calibration, how it was chosen, and the reported candidates' (signal, map)
     for :func:`assess`. Raises :class:`CalibrationRefused` with fewer than :data:`MIN_ERRORS`
@@ -525,16 +551,16 @@ def fit_trust_calibration(
     fitted = {}
     for name in names:
         sig = fit_candidate(name, inputs, y, groups, seed, weights)
-        fitted[name] = (sig, fit_probability_map(sig(inputs), y))
+        fitted[name] = (sig, fit_probability_map(sig(inputs), y, weights=weights))
     signal, prob_map = fitted[selection.chosen]
     trust_prob = prob_map(signal(inputs))
-    threshold = choose_threshold(trust_prob, y, target)
+    threshold = choose_threshold(trust_prob, y, target, weights)
     calibration = TrustCalibration(
         signal=signal,
         map=prob_map,
         low_trust_threshold=threshold,
         target=target,
-        achieved_on_calibration=achieved(trust_prob, y, threshold, target.kind),
+        achieved_on_calibration=achieved(trust_prob, y, threshold, target.kind, weights),
         contrast_k=contrast_k,
         fitted_on={"samples": int(y.size), "wrong": wrong, "data": data},
         selection=selection.to_dict(),
