@@ -33,18 +33,14 @@ from gradtrust.serving.contract import FEATURES, LOGITS
 from gradtrust.serving.decoding import decode_batch
 from gradtrust.tools.evaluate import cli
 from gradtrust.tools.evaluate import metrics as M
+from gradtrust.tools.evaluate.assessment import assess, verdict
 from gradtrust.tools.evaluate.calibration import (
     MIN_ERRORS,
-    CalibrationRefused,
     achieved,
-    assess,
     choose_threshold,
-    fit_logistic,
     fit_probability_map,
     fit_trust_calibration,
-    select_signal,
     tolerance,
-    verdict,
 )
 from gradtrust.tools.evaluate.calibration_report import MARKDOWN, RELIABILITY, RISK_COVERAGE
 from gradtrust.tools.evaluate.folder import (
@@ -55,6 +51,7 @@ from gradtrust.tools.evaluate.folder import (
 )
 from gradtrust.tools.evaluate.repository import read_config_parameters, set_config_parameter
 from gradtrust.tools.evaluate.shifts import corrupt
+from gradtrust.tools.evaluate.signals import CalibrationRefused, fit_logistic, select_signal
 from tests.conftest import DEMO_ONNX, MODEL_REPOSITORY
 from tests.reference.autograd_trust_features import gradient_features_by_autograd
 

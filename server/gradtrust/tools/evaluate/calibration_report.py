@@ -19,13 +19,8 @@ import numpy as np
 
 from gradtrust.core.calibration import TrustCalibration
 from gradtrust.tools.evaluate import metrics as M
-from gradtrust.tools.evaluate.calibration import (
-    CONFIDENCE,
-    RAW_CONFIDENCE,
-    Assessment,
-    Interval,
-    Selection,
-)
+from gradtrust.tools.evaluate.assessment import RAW_CONFIDENCE, Assessment, Interval
+from gradtrust.tools.evaluate.signals import CONFIDENCE, Selection
 
 MARKDOWN = "calibration_report.md"
 RELIABILITY = "calibration_reliability.png"

@@ -196,17 +196,13 @@ def _score_all(scorer: Any, images: np.ndarray, desc: str, chunk: int = 2000) ->
 
 def _calibrate(args: argparse.Namespace) -> int:
     from gradtrust.tools.evaluate import calibration_report
-    from gradtrust.tools.evaluate.calibration import (
-        CalibrationRefused,
-        assess,
-        check_heldout,
-        fit_trust_calibration,
-        verdict,
-    )
+    from gradtrust.tools.evaluate.assessment import assess, verdict
+    from gradtrust.tools.evaluate.calibration import check_heldout, fit_trust_calibration
     from gradtrust.tools.evaluate.repository import write_calibration
     from gradtrust.tools.evaluate.roundtrip import calibration_set
     from gradtrust.tools.evaluate.runner import stratified_subset
     from gradtrust.tools.evaluate.scoring import InProcessScorer, PreprocessingScorer, Scorer
+    from gradtrust.tools.evaluate.signals import CalibrationRefused
 
     target = ThresholdTarget.parse(args.target)
     entry = _entry(args)

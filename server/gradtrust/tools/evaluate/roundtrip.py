@@ -18,7 +18,6 @@ from tqdm import tqdm
 from gradtrust.core.calibration import ThresholdTarget
 from gradtrust.errors import InvalidInputError
 from gradtrust.tools.evaluate.calibration import (
-    CalibrationRefused,
     achieved,
     check_heldout,
     choose_threshold,
@@ -27,6 +26,7 @@ from gradtrust.tools.evaluate.calibration import (
 from gradtrust.tools.evaluate.runner import Evaluation, LabelledData, Plan, demo_data
 from gradtrust.tools.evaluate.scoring import Scorer
 from gradtrust.tools.evaluate.shifts import CORRUPTIONS, SEVERITIES, with_corruptions
+from gradtrust.tools.evaluate.signals import CalibrationRefused
 
 MIXES = ("clean", "corruptions")
 TARGETS = (ThresholdTarget("flag_rate", 0.05), ThresholdTarget("error_recall", 0.8))
