@@ -373,8 +373,9 @@ def register(subparsers: Any) -> None:
         "calibrate",
         help="fit TRUST_PROB (calibrated P(correct)) and its low-trust threshold into an entry",
         description="Score labelled data with the entry's model, choose the signal that ranks "
-        "its errors best on a held-out selection part (any score or gradient feature, or an "
-        "L2 logistic combination of them), fit a smoothed isotonic map signal -> P(correct) "
+        "its errors best by cross-validation, clean and corrupted parts judged separately "
+        "against softmax confidence (any score or gradient feature, softmax paired with one, "
+        "or an L2 logistic combination of all), fit a smoothed isotonic map signal -> P(correct) "
         "and the low-trust threshold for a target, measure every candidate on held-out clean "
         "and shifted data with bootstrap intervals, write a report, and write "
         "trust_calibration.json into the entry. Exits 1 (writing nothing to the entry) when "
