@@ -197,13 +197,15 @@ def test_cli_entry_point_runs_as_installed_script_when_called_from_shell(triton_
 
 def test_trust_client_returns_calibrated_trust_prob_when_asked(client, digits):
     from gradtrust.core.calibration import load_model_calibration
-    from tests.conftest import DEMO_MODEL, MODEL_REPOSITORY
+    from gradtrust.tools.evaluate.scoring import InProcessScorer
+    from tests.conftest import DEMO_MODEL, DEMO_ONNX, MODEL_REPOSITORY
 
     calibration = load_model_calibration(MODEL_REPOSITORY / DEMO_MODEL)
     assert calibration is not None
     predictions = client.predict(digits[0][:8], trust_prob=True)
     got = np.array([p.trust_prob for p in predictions])
-    want = calibration.apply(np.array([p.gradtrust for p in predictions]))
+    local = InProcessScorer(DEMO_ONNX).score(digits[0][:8], served_only=True)
+    want = calibration.apply(local.logits, local.features)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert client.predict(digits[0][:1])[0].trust_prob is None
 
