@@ -397,11 +397,18 @@ def measure(out: Path) -> dict[str, dict[str, dict[str, Any]]]:
             row["gradtrust_minus_msp_ci"] = _boot_auroc_diff(v["gradtrust"], v["msp"], correct, rng)
             report["candidates"][f"{name}/{split}"] = row
     served = _served(out)
+    choices_file = out / "calibration_choices.json"
+    choices = json.loads(choices_file.read_text()) if choices_file.exists() else {}
     for name, splits in served.items():
         cal = json.loads((out / "model_repository" / name / "trust_calibration.json").read_text())
-        signal = cal["signal"]["kind"]
-        if signal == "input":
-            signal = cal["signal"]["inputs"][0]
+        # The label names a pair candidate ("msp+NAME"); "kind" alone says "combination".
+        signal = cal["signal"].get("label") or (
+            cal["signal"]["inputs"][0]
+            if cal["signal"]["kind"] == "input"
+            else cal["signal"]["kind"]
+        )
+        if "forced" in choices.get(name, ""):
+            signal += " (forced)"
         for split, v in splits.items():
             correct = v["class_id"] == v["label"]
             row = {
