@@ -9,6 +9,7 @@ Installing takes a minute or two (pip's cache holds the wheels after the first r
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -88,15 +89,22 @@ def served(server_bin: Path) -> Iterator[tuple[int, int]]:
             proc.kill()
 
 
-def test_server_extra_holds_no_torch_and_no_evaluation_tools(server_bin: Path) -> None:
-    code = (
-        "import importlib.util as u; "
-        "print([m for m in ('torch', 'sklearn', 'matplotlib') if u.find_spec(m)])"
-    )
+def _installed(bin_dir: Path, *modules: str) -> list[str]:
+    """Which of ``modules`` the environment's own Python can import."""
+    code = f"import importlib.util as u; print([m for m in {modules!r} if u.find_spec(m)])"
     out = subprocess.run(
-        [str(server_bin / "python"), "-c", code], capture_output=True, text=True, check=True
+        [str(bin_dir / "python"), "-c", code], capture_output=True, text=True, check=True
     )
-    assert out.stdout.strip() == "[]"
+    return list(ast.literal_eval(out.stdout.strip()))
+
+
+def test_server_extra_holds_no_torch_and_no_evaluation_tools(server_bin: Path) -> None:
+    assert _installed(server_bin, "torch", "sklearn", "matplotlib") == []
+    assert _installed(server_bin, "onnxruntime", "PIL", "prometheus_client") == [
+        "onnxruntime",
+        "PIL",
+        "prometheus_client",
+    ]
 
 
 def test_evaluation_commands_say_which_extra_they_need_when_only_server_is_installed(
@@ -143,11 +151,5 @@ def test_server_extra_serves_and_client_extra_predicts_when_installed_alone(
 
 
 def test_client_extra_installs_neither_onnxruntime_nor_torch(client_bin: Path) -> None:
-    code = (
-        "import importlib.util as u; "
-        "print([m for m in ('torch', 'onnxruntime', 'onnx') if u.find_spec(m)])"
-    )
-    out = subprocess.run(
-        [str(client_bin / "python"), "-c", code], capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "[]"
+    assert _installed(client_bin, "torch", "onnxruntime", "onnx") == []
+    assert _installed(client_bin, "tritonclient", "PIL") == ["tritonclient", "PIL"]
