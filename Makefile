@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 REPO   := model_repository
 
-.PHONY: install serve demo test lint typecheck test-tools train-demo evaluate calibrate bench bench-quick clean soak
+.PHONY: install serve demo test lint typecheck test-tools train-demo evaluate calibrate introspect bench bench-quick clean soak
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -52,6 +52,10 @@ evaluate: install
 # Fit TRUST_PROB and the low-trust threshold (flag 5% of traffic) into the demo entry.
 calibrate: install
 	$(BIN)/gradtrust calibrate --mix corruptions --target flag-rate=0.05
+
+# Train the demo entry's introspective network (1/introspection.onnx) and report both stages.
+introspect: install
+	$(BIN)/gradtrust introspect --report
 
 # Side-by-side benchmarks (docs/BENCHMARKS.md): in-process ratios, then through tritonserver.
 # About 2 + 10 minutes on 2 cores; results in bench/results/. On a GPU host: bench/run_gpu.sh OUT.
