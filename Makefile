@@ -31,8 +31,8 @@ test-tools:
 	    prometheus prometheus-alertmanager nginx >/dev/null; }
 
 lint: install
-	$(BIN)/ruff check server client tests $(wildcard bench)
-	$(BIN)/ruff format --check server client tests $(wildcard bench)
+	$(BIN)/ruff check server client tests bench examples
+	$(BIN)/ruff format --check server client tests bench examples
 
 typecheck: install
 	$(BIN)/mypy
