@@ -284,13 +284,13 @@ class TrustService:
                 answers[i] = err
         result.trust_seconds = time.perf_counter() - start - heatmap_seconds
         result.heatmap_seconds = heatmap_seconds if ACTIVATION in wanted else None
-        if all(answered):
-            result.gradtrust, result.confidence = trust, conf
-        else:
-            ok_rows = np.repeat(np.asarray(answered), sizes)
-            result.gradtrust, result.confidence = trust[ok_rows], conf[ok_rows]
+        # The metrics count the answered samples only.
+        kept: slice | np.ndarray = (
+            slice(None) if all(answered) else np.repeat(np.asarray(answered), sizes)
+        )
+        result.gradtrust, result.confidence = trust[kept], conf[kept]
         if prob is not None:
-            result.trust_prob = prob if all(answered) else prob[ok_rows]
+            result.trust_prob = prob[kept]
 
     def _score_tables(
         self,
