@@ -78,9 +78,14 @@ class RecordingCalibration:
     def needs_features(self) -> bool:
         return self.real.needs_features
 
-    def apply(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+    def apply(
+        self,
+        logits: np.ndarray,
+        features: np.ndarray | None = None,
+        known: Any = None,
+    ) -> np.ndarray:
         self.mapped += len(logits)
-        return self.real.apply(logits, features)
+        return self.real.apply(logits, features, known)
 
 
 def _service(classifier: Any = None, calibration: Any = None) -> TrustService:

@@ -194,15 +194,29 @@ def compute_inputs(
     names: tuple[str, ...],
     features: ArrayLike | None = None,
     contrast_k: int = 3,
+    known: Mapping[str, ArrayLike] | None = None,
 ) -> dict[str, Floats]:
     """The named inputs (scores and gradient features) of each sample, float64, validated
-    once by :func:`gradtrust.core.scores.compute_scores`."""
-    score_names = [n for n in names if n in score_functions.SCORE_NAMES]
-    z = score_functions.as_logits(logits)
-    out = score_functions.compute_scores(z, score_names, features, contrast_k)
-    rest = [n for n in names if n not in out]
-    if rest:
-        out.update(trust_features.compute_gradient_features(z, rest, features, contrast_k))
+    once by :func:`gradtrust.core.scores.compute_scores`.
+
+    ``known``: inputs the caller already computed from these same logits (and features),
+    ``{name: (N,) values}``, used as they are; only the other names are computed. Why: the
+    server computes GRADTRUST and msp for every batch anyway, and a calibration that
+    uses them should not compute them a second time. When every name is known, the
+    logits are not read (nor validated) at all.
+    """
+    given = {} if known is None else known
+    out: dict[str, Floats] = {
+        n: np.asarray(given[n], dtype=np.float64) for n in names if n in given
+    }
+    missing = [n for n in names if n not in out]
+    if missing:
+        score_names = [n for n in missing if n in score_functions.SCORE_NAMES]
+        z = score_functions.as_logits(logits)
+        out.update(score_functions.compute_scores(z, score_names, features, contrast_k))
+        rest = [n for n in missing if n not in out]
+        if rest:
+            out.update(trust_features.compute_gradient_features(z, rest, features, contrast_k))
     return {name: out[name] for name in names}
 
 
@@ -358,14 +372,26 @@ class TrustCalibration:
         """Whether applying it needs the model's penultimate features."""
         return self.signal.needs_features
 
-    def signal_values(self, logits: ArrayLike, features: ArrayLike | None = None) -> Floats:
-        """The signal of each sample (finite logits and, when needed, features)."""
-        inputs = compute_inputs(logits, self.signal.inputs, features, self.contrast_k)
+    def signal_values(
+        self,
+        logits: ArrayLike,
+        features: ArrayLike | None = None,
+        known: Mapping[str, ArrayLike] | None = None,
+    ) -> Floats:
+        """The signal of each sample (finite logits and, when needed, features); ``known``
+        inputs are reused, not recomputed (:func:`compute_inputs`)."""
+        inputs = compute_inputs(logits, self.signal.inputs, features, self.contrast_k, known)
         return self.signal(inputs)
 
-    def apply(self, logits: ArrayLike, features: ArrayLike | None = None) -> Floats:
-        """TRUST_PROB of each sample, float64 (N,), strictly inside (0, 1)."""
-        return self.map(self.signal_values(logits, features))
+    def apply(
+        self,
+        logits: ArrayLike,
+        features: ArrayLike | None = None,
+        known: Mapping[str, ArrayLike] | None = None,
+    ) -> Floats:
+        """TRUST_PROB of each sample, float64 (N,), strictly inside (0, 1). ``known``: inputs
+        already computed from the same rows (the server passes its GRADTRUST and msp)."""
+        return self.map(self.signal_values(logits, features, known))
 
     def check_probe(self) -> None:
         """Recompute the probe's inputs; raise ConfigError where this package computes them

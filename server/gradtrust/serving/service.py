@@ -234,7 +234,7 @@ class TrustService:
         bounds = list(accumulate(sizes, initial=0))
         finite = np.isfinite(logits).all(axis=1)
         trust, conf, pred = _base_scores(logits, finite)
-        prob = self._trust_prob(logits, features, finite)
+        prob = self._trust_prob(logits, features, finite, trust, conf)
         failed = _non_finite(needs_features, bounds, finite, features)
         tables = self._score_tables(chosen, sizes, failed, logits, features)
         kinds = {r.outputs for n, r in enumerate(chosen) if n not in failed}
@@ -371,17 +371,26 @@ class TrustService:
         logits: np.ndarray,
         features: np.ndarray | None,
         finite: np.ndarray,
+        trust: np.ndarray,
+        conf: np.ndarray,
     ) -> np.ndarray | None:
         """TRUST_PROB of every sample when the entry is calibrated (NaN where the logits or
         features are not finite), else None. Computed for the whole batch whether or not a
-        request asked for it: the metrics count every prediction's."""
+        request asked for it: the metrics count every prediction's. The batch's GRADTRUST
+        and msp (``trust``, ``conf`` from :func:`_base_scores`) are handed to the
+        calibration rather than computed a second time."""
         if self.calibration is None:
             return None
         ok = finite if features is None else finite & np.isfinite(features).all(axis=1)
+        if ok.all():  # the usual case: no row selection, no copies
+            known = {"gradtrust": trust, "msp": conf}
+            return self.calibration.apply(logits, features, known)
         prob = np.full(len(logits), np.nan)
         if ok.any():
             prob[ok] = self.calibration.apply(
-                logits[ok], None if features is None else features[ok]
+                logits[ok],
+                None if features is None else features[ok],
+                {"gradtrust": trust[ok], "msp": conf[ok]},
             )
         return prob
 
