@@ -31,6 +31,13 @@ class Variant:
 
 
 REQUEST_TIMEOUT_S = 120.0
+#: What every HTTP request says by default: send the response uncompressed. tritonclient's
+#: asyncio HTTP client (aiohttp) otherwise sends ``Accept-Encoding: gzip, deflate`` on every
+#: request, and tritonserver then spends 5-6 ms of CPU gzipping a 224 x 224 float32 map
+#: (docs/BENCHMARKS.md, "Quiet-machine rerun"): a cost of the client's headers, not of
+#: the request. Plain and trust variants send the same header, so their ratios stay fair;
+#: ``compressed=True`` (bench.serving ``--http-compression``) restores aiohttp's default.
+IDENTITY_HEADERS: Mapping[str, str] = {"Accept-Encoding": "identity"}
 CHEAP = ("LABEL", "CLASS_ID", "CONFIDENCE", "GRADTRUST")
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -69,10 +76,20 @@ def make_client(protocol: str, url: str, concurrency: int) -> Any:
 
 
 class Request:
-    """One prepared request (inputs serialised once, reused by every send)."""
+    """One prepared request (inputs serialised once, reused by every send). Over HTTP it
+    asks for an uncompressed response (:data:`IDENTITY_HEADERS`) unless ``compressed``."""
 
-    def __init__(self, protocol: str, model: str, variant: Variant, images: np.ndarray) -> None:
+    def __init__(
+        self,
+        protocol: str,
+        model: str,
+        variant: Variant,
+        images: np.ndarray,
+        compressed: bool = False,
+    ) -> None:
         lib = client_library(protocol)
+        #: Extra HTTP headers of every send (None: the client library's own).
+        self.headers = None if protocol != "http" or compressed else dict(IDENTITY_HEADERS)
         tensor = lib.InferInput("IMAGE", list(images.shape), "FP32")
         tensor.set_data_from_numpy(images)
         self.inputs = [tensor]
@@ -84,8 +101,13 @@ class Request:
     async def send(self, client: Any) -> float:
         """Send, decode every output (as a real client would), return the latency in seconds."""
         t0 = time.perf_counter()
+        # tritonclient adds its own entries to the headers dict it is given: a fresh one
+        # per send.
+        extra = {} if self.headers is None else {"headers": dict(self.headers)}
         result = await asyncio.wait_for(
-            client.infer(self.model, self.inputs, outputs=self.outputs, parameters=self.parameters),
+            client.infer(
+                self.model, self.inputs, outputs=self.outputs, parameters=self.parameters, **extra
+            ),
             timeout=REQUEST_TIMEOUT_S,
         )
         for name in self.names:

@@ -59,6 +59,9 @@ class Plan:
     heatmap_budget_s: float
     heatmap_max_reps: int
     memory_s: float
+    #: HTTP: let the client ask for compressed responses (aiohttp's default header) instead
+    #: of sending ``Accept-Encoding: identity`` (bench.loadgen.IDENTITY_HEADERS).
+    http_compression: bool = False
 
 
 FULL = Plan(
@@ -85,7 +88,7 @@ async def _cell(
                 model = served.plain if variant.plain_model else served.model
                 before = triton_counts(server.metrics_url, model)
                 cpu_before = memory.cpu_seconds(server.process.pid)
-                request = Request(protocol, model, variant, image)
+                request = Request(protocol, model, variant, image, plan.http_compression)
                 result = await closed_loop(client, request, conc, plan.window_s, plan.max_requests)
                 cpu_after = memory.cpu_seconds(server.process.pid)
                 after = triton_counts(server.metrics_url, model)
@@ -153,6 +156,7 @@ async def _heatmap_latency(
                     served.plain if VARIANTS[n].plain_model else served.model,
                     VARIANTS[n],
                     images,
+                    plan.http_compression,
                 )
                 for n in names
             ]
@@ -345,6 +349,15 @@ def markdown(result: dict[str, Any]) -> str:
         for c in result["cells"]
     ]
     parts = ["### Serving: concurrency sweep (one image per request)\n"]
+    compressed = result.get("plan", {}).get("http_compression", False)
+    parts.append(
+        "HTTP responses: "
+        + (
+            "compressed when the server chooses (aiohttp's `Accept-Encoding: gzip, deflate`)\n"
+            if compressed
+            else "uncompressed (`Accept-Encoding: identity`, the default since issue 16)\n"
+        )
+    )
     parts.append(common.markdown_table(rows, SWEEP_COLUMNS) + "\n")
     parts.append("### Serving: request latency with and without HEATMAP (gradcam)\n")
     parts.append(common.markdown_table(result["heatmap_latency"], HEAT_COLUMNS) + "\n")
@@ -404,10 +417,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="cProfile each model's execute() into DIR/<model>.prof (read: python -m pstats)",
     )
+    parser.add_argument(
+        "--http-compression",
+        action="store_true",
+        help="HTTP: accept gzip/deflate responses (aiohttp's default header, the bench's "
+        "behaviour before issue 16) instead of asking for identity",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     plan = QUICK if args.quick else FULL
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {"http_compression": args.http_compression}
     if args.protocols:
         overrides["protocols"] = tuple(common.parse_names(args.protocols))
     if args.concurrency:

@@ -50,6 +50,14 @@ _GRPC_CHANNEL_ARGS = [
 
 ParamValue = str | int | float | bool
 
+#: HTTP responses uncompressed, said explicitly (:class:`Transport`'s default). Why: a
+#: heatmap is float32 noise to gzip (a 224 x 224 map shrinks by about 12 %), yet
+#: tritonserver spends about 5 ms of CPU compressing one, more than computing it
+#: (docs/BENCHMARKS.md); on a loopback or LAN link the bytes saved never pay for that.
+#: tritonclient's synchronous client sends no Accept-Encoding, but a proxy or another HTTP
+#: stack in between may add one: saying ``identity`` keeps the response uncompressed.
+IDENTITY = {"Accept-Encoding": "identity"}
+
 
 def start_hint(url: str) -> str:
     """The advice every connection error carries: what to start, or what to fix."""
@@ -60,9 +68,16 @@ def start_hint(url: str) -> str:
 
 
 class Transport:
-    """A tritonclient connection for one protocol and URL."""
+    """A tritonclient connection for one protocol and URL.
 
-    def __init__(self, url: str, protocol: str, timeout_s: float) -> None:
+    ``compress_responses`` (HTTP only): ask tritonserver to gzip the response. Off by
+    default (:data:`IDENTITY`); worth turning on only over a slow link, where the bytes
+    of full-size heatmaps cost more than the server's CPU.
+    """
+
+    def __init__(
+        self, url: str, protocol: str, timeout_s: float, compress_responses: bool = False
+    ) -> None:
         if protocol not in PROTOCOLS:
             raise InvalidRequestError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         if not timeout_s > 0:
@@ -74,6 +89,7 @@ class Transport:
         self.protocol = protocol
         self.timeout_s = float(timeout_s)
         self._grpc_timeout: dict[str, float] = {}
+        self.compress_responses = bool(compress_responses)
         self._client: Any
         self._module: Any
         with self.translated():
@@ -142,6 +158,7 @@ class Transport:
                 outputs=requested,
                 parameters=dict(parameters) or None,
                 **self._grpc_timeout,
+                **self.http_options(),
             )
             arrays = {name: result.as_numpy(name) for name in outputs}
         missing = [name for name, value in arrays.items() if value is None]
@@ -151,6 +168,15 @@ class Transport:
                 "is it a GradTrust model?"
             )
         return arrays
+
+    def http_options(self) -> dict[str, Any]:
+        """The compression arguments of an HTTP infer call (none over gRPC). A fresh dict
+        each call: tritonclient adds its own entries to the headers it is given."""
+        if self.protocol != "http":
+            return {}
+        if self.compress_responses:
+            return {"response_compression_algorithm": "gzip"}
+        return {"headers": dict(IDENTITY)}
 
     @contextlib.contextmanager
     def translated(self, model: str | None = None) -> Iterator[None]:

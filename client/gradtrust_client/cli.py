@@ -40,7 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         return _fail(f"no such image file: {', '.join(missing)}", EXIT_BAD_INPUT)
     try:
-        with TrustClient(args.url, args.protocol, args.model, args.timeout) as client:
+        with TrustClient(
+            args.url,
+            args.protocol,
+            args.model,
+            args.timeout,
+            compress_responses=args.compress_responses,
+        ) as client:
             if args.command == "predict":
                 return _predict(client, args)
             return _explain(client, args)
@@ -207,6 +213,12 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive_float, default=60.0, help="seconds per request (default 60)"
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    common.add_argument(
+        "--compress-responses",
+        action="store_true",
+        help="HTTP: let the server gzip its answers (off by default: gzipping a full-size "
+        "heatmap costs the server more CPU than the map; useful on slow links only)",
+    )
 
     parser = argparse.ArgumentParser(
         prog="gradtrust-client",

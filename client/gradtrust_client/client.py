@@ -141,13 +141,22 @@ class TrustClient:
         model: str = DEFAULT_MODEL,
         timeout_s: float = 60.0,
         retry: RetryPolicy = DEFAULT_RETRY,
+        compress_responses: bool = False,
     ) -> None:
-        """``url`` is host:port; None means localhost:8000 (http) or localhost:8001 (grpc)."""
+        """``url`` is host:port; None means localhost:8000 (http) or localhost:8001 (grpc).
+
+        ``compress_responses`` (HTTP): let the server gzip its answers. Off by default:
+        full-size heatmaps are float32 and barely compress, while gzipping a 224 x 224
+        map costs the server about 5 ms of CPU, more than the map itself; turn it on for
+        a slow network link. gRPC responses are never compressed here.
+        """
         if protocol not in DEFAULT_URLS:
             raise InvalidRequestError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         self.model = model
         self.retry = retry
-        self._transport = Transport(url or DEFAULT_URLS[protocol], protocol, timeout_s)
+        self._transport = Transport(
+            url or DEFAULT_URLS[protocol], protocol, timeout_s, compress_responses
+        )
         self._info: ModelInfo | None = None
 
     @property
