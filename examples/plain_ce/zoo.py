@@ -282,8 +282,9 @@ def prepare(out: Path) -> None:
 
 def calibrate(out: Path, extra: Sequence[str]) -> dict[str, str]:
     """Calibrate each entry as a user would: the automatic signal choice first; when
-    `gradtrust calibrate` refuses it (non-zero exit, nothing written), once more with the
-    headline score forced (``--signal gradtrust``). Returns the signal each entry got."""
+    `gradtrust calibrate` refuses it (non-zero exit, nothing written), once more as its
+    message suggests, with calibrated softmax confidence (``--signal msp``). Returns the
+    signal each entry got."""
     chosen: dict[str, str] = {}
     for name in MODELS:
         cmd: list[str | Path] = [
@@ -294,9 +295,9 @@ def calibrate(out: Path, extra: Sequence[str]) -> dict[str, str]:
         if _run(cmd, check=False) == 0:
             chosen[name] = "automatic"
             continue
-        print(f"{name}: calibrate refused the automatic choice; forcing the headline score")
-        _run([*cmd, "--signal", "gradtrust"])
-        chosen[name] = "gradtrust (forced after a refusal)"
+        print(f"{name}: calibrate refused the automatic choice; forcing softmax confidence")
+        _run([*cmd, "--signal", "msp"])
+        chosen[name] = "msp (forced after a refusal)"
     (out / "calibration_choices.json").write_text(json.dumps(chosen, indent=1))
     return chosen
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from gradtrust.core import trust_features
 from gradtrust.core.calibration import (
+    TAIL_SHARE,
     ProbabilityMap,
     Signal,
     ThresholdTarget,
@@ -35,8 +36,11 @@ from gradtrust.tools.evaluate import cli
 from gradtrust.tools.evaluate import metrics as M
 from gradtrust.tools.evaluate.assessment import assess, verdict
 from gradtrust.tools.evaluate.calibration import (
+    CLEAN_WEIGHTS,
     MIN_ERRORS,
     achieved,
+    balanced_weights,
+    choose_map_balance,
     choose_threshold,
     fit_probability_map,
     fit_trust_calibration,
@@ -163,6 +167,85 @@ def test_probability_map_is_laplace_smoothed_per_block_when_blocks_reach_the_min
     assert m.x == (1.5, 5.5)
     assert m.y == pytest.approx((1 / 6, 5 / 6))
     assert fit_probability_map(signal, correct, min_block=8).y == pytest.approx((0.5,))
+
+
+def test_probability_map_keeps_rising_beyond_its_knots_by_at_most_the_tail_share():
+    m = ProbabilityMap((0.5, 0.9, 0.99), (0.3, 0.8, 0.97))
+    above = np.array([0.99, 0.995, 0.999, 0.9999, 1.0, 2.0, 1e308])
+    below = np.array([-1e308, -5.0, 0.0, 0.49, 0.5])
+    # Strictly increasing where a flat tail would tie every more confident prediction ...
+    assert (np.diff(m(above)[:-1]) > 0).all()
+    assert (np.diff(m(below)[1:]) > 0).all()
+    assert (np.diff(m(above).astype(np.float32)[:5]) > 0).all()  # also as served
+    # ... by no more than the tail share of the distance left to 1 (or to 0).
+    assert m(above).max() <= 0.97 + TAIL_SHARE * 0.03 + 1e-15
+    assert m(below).min() >= 0.3 - TAIL_SHARE * 0.3 - 1e-15
+    np.testing.assert_allclose(m(np.array([0.5, 0.7, 0.99])), [0.3, 0.55, 0.97], rtol=1e-15)
+
+
+def _two_populations(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A softmax-like confidence that is calibrated on clean data (first half) and
+    over-confident under shift (second half: accuracy 0.35 below the confidence)."""
+    rng = np.random.default_rng(seed)
+    part = (np.arange(n) >= n // 2).astype(np.int64)
+    msp = rng.uniform(0.4, 1.0, n)
+    accuracy = np.where(part == 0, msp, np.clip(msp - 0.35, 0.0, 1.0))
+    return msp, rng.random(n) < accuracy, part
+
+
+def test_choose_map_balance_keeps_equal_weights_when_both_parts_look_alike():
+    rng = np.random.default_rng(5)
+    n = 6000
+    msp = rng.uniform(0.4, 1.0, n)
+    correct = rng.random(n) < msp - 0.2  # the same over-confidence in both parts
+    part = (np.arange(n) >= n // 2).astype(np.int64)
+    balance = choose_map_balance(msp, msp, correct, np.arange(n), part)
+    assert balance.clean_weight == 0.5
+    assert balance.no_worse
+
+
+def test_choose_map_balance_weighs_the_clean_part_more_when_equal_weights_understate_it():
+    msp, correct, part = _two_populations(8000, 6)
+    balance = choose_map_balance(msp, msp, correct, np.arange(msp.size), part)
+    # Equal weights put the map halfway between the two populations: worse than softmax
+    # confidence (already calibrated) on clean data, better on shifted data.
+    assert balance.excess[0.5]["clean"] > 0.05
+    assert balance.excess[0.5]["shifted"] < -0.05
+    assert balance.clean_weight > 0.5
+    chosen = balance.excess[balance.clean_weight]
+    assert max(chosen.values()) < max(balance.excess[0.5].values())
+    # The weight nearest to equal that keeps both parts no worse, or the best compromise.
+    if balance.no_worse:
+        nearer = [w for w in CLEAN_WEIGHTS if abs(w - 0.5) < abs(balance.clean_weight - 0.5)]
+        assert all(max(balance.excess[w].values()) > 0 for w in nearer)
+    else:
+        assert max(chosen.values()) == min(max(e.values()) for e in balance.excess.values())
+
+
+def test_balanced_weights_give_the_clean_part_its_share_when_parts_differ_in_size():
+    part = np.array([0] * 10 + [1] * 90)
+    w = balanced_weights(part, 0.8)
+    assert w.sum() == pytest.approx(100.0)
+    assert w[part == 0].sum() == pytest.approx(80.0)
+    np.testing.assert_allclose(balanced_weights(part, 0.5), 100 / (2 * np.bincount(part)[part]))
+
+
+def test_fit_trust_calibration_records_the_map_balance_when_parts_are_given():
+    msp, correct, part = _two_populations(3000, 7)
+    calibration, _, _ = fit_trust_calibration(
+        {"msp": msp, "margin": msp + 0.01},
+        correct,
+        np.arange(msp.size),
+        ThresholdTarget("flag_rate", 0.05),
+        force="msp",
+        parts=part,
+    )
+    balance = calibration.selection["map_balance"]
+    assert balance["clean_weight"] > 0.5
+    assert f"{balance['clean_weight']:g}" in balance["ece_minus_softmax_by_weight"]
+    # The map then sits closer to the clean population: clean samples near 0.9 confidence
+    # get a probability nearer 0.9 than the equal-weights midpoint of 0.9 and 0.55.
+    assert calibration.map(np.array([0.9]))[0] > 0.75
 
 
 def test_probability_map_refuses_values_of_0_or_1_when_read_from_a_file():

@@ -73,6 +73,10 @@ PROBABILITY_FLOOR = 1e-6
 inside (0, 1) by Laplace smoothing; this guard only keeps them distinct from 0 and 1 after
 the server's cast to float32 (whose spacing just below 1 is 6e-8)."""
 
+TAIL_SHARE = 0.01
+"""Beyond its outer knots the map moves towards 1 (or 0) by at most this share of the
+distance left: strictly monotone everywhere, without claiming more than the data showed."""
+
 
 def _floats(values: Any, what: str) -> tuple[float, ...]:
     try:
@@ -108,7 +112,13 @@ class ProbabilityMap:
     every level, the smoothing keeps every level strictly inside (0, 1) (a block of 50
     right answers says "about 98 %", not "certainly"), and interpolating between block
     centres rather than holding each level flat leaves fewer ties for the low-trust
-    threshold to split. Beyond the outer knots the map is flat.
+    threshold to split. Beyond the outer knots the map keeps rising, by at most
+    :data:`TAIL_SHARE` of the remaining distance to 1 (falling, of the distance to 0 below
+    the first knot), exponentially in units of the mean knot spacing: a flat tail would tie
+    every prediction more confident than the top block's centre, which for a confidently
+    wrong model under shift is where right and wrong answers have to be told apart (served
+    as float32, the tie costs ranking that softmax confidence keeps). The levels move by at
+    most 1 % of the error rate they state, well inside their own sampling noise.
     """
 
     x: tuple[float, ...]
@@ -124,7 +134,15 @@ class ProbabilityMap:
 
     def __call__(self, values: ArrayLike) -> Floats:
         """P(correct) per value, float64, same shape; NaN stays NaN."""
-        p = np.interp(np.asarray(values, dtype=np.float64), self.x, self.y)
+        v = np.asarray(values, dtype=np.float64)
+        x0, x1, y0, y1 = self.x[0], self.x[-1], self.y[0], self.y[-1]
+        width = (x1 - x0) / (len(self.x) - 1) if len(self.x) > 1 else 1.0
+        with np.errstate(invalid="ignore", over="ignore"):
+            rise = -np.expm1(-np.maximum(v - x1, 0.0) / width)  # 0 at the knot, -> 1
+            fall = -np.expm1(-np.maximum(x0 - v, 0.0) / width)
+        p = np.interp(v, self.x, self.y)
+        p = np.where(v > x1, y1 + (1.0 - y1) * TAIL_SHARE * rise, p)
+        p = np.where(v < x0, y0 - y0 * TAIL_SHARE * fall, p)
         return np.clip(p, PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR)
 
     def to_dict(self) -> dict[str, list[float]]:

@@ -31,9 +31,12 @@ from gradtrust.errors import InvalidInputError
 from gradtrust.tools.evaluate import metrics as M
 from gradtrust.tools.evaluate.signals import (
     COMBINATION,
+    CONFIDENCE,
+    CV_FOLDS,
     CalibrationRefused,
     Selection,
     fit_candidate,
+    group_folds,
     part_weights,
     select_signal,
 )
@@ -141,6 +144,95 @@ def _pav_smoothed(
     return sx, sh, sn
 
 
+# ---- how much each part weighs in the map ------------------------------------------------
+
+CLEAN_WEIGHTS = tuple(sorted((i / 40 for i in range(41)), key=lambda w: (abs(w - 0.5), -w)))
+"""The clean part's share of the total weight the map may be fitted with (steps of 2.5 %),
+nearest to equal weights first."""
+
+
+def balanced_weights(parts: ArrayLike, clean_weight: float) -> Floats:
+    """Sample weights summing to N under which the clean part (0) weighs ``clean_weight`` of
+    the total and the shifted part (1) the rest (0.5: :func:`part_weights`)."""
+    p = np.asarray(parts, dtype=np.int64)
+    n_clean, n_shifted = int(np.count_nonzero(p == 0)), int(np.count_nonzero(p != 0))
+    if n_clean == 0 or n_shifted == 0:
+        return np.ones(p.size)
+    share = np.where(p == 0, clean_weight / n_clean, (1.0 - clean_weight) / n_shifted)
+    return np.asarray(share * p.size, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class MapBalance:
+    """The clean part's weight in the probability map, and why: for each weight tried, the
+    out-of-fold ECE of TRUST_PROB minus that of softmax confidence on each part."""
+
+    clean_weight: float
+    excess: dict[float, dict[str, float]]
+
+    @property
+    def no_worse(self) -> bool:
+        """Whether, at the chosen weight, TRUST_PROB was out of fold no less calibrated than
+        softmax confidence on every part."""
+        return max(self.excess[self.clean_weight].values()) <= 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "clean_weight": self.clean_weight,
+            "rule": "equal weights unless, out of fold, TRUST_PROB is then less calibrated "
+            "(ECE) than softmax confidence on one part; then the weight nearest to equal "
+            "with which it is no worse on both; else the one with the smallest worst excess",
+            "ece_minus_softmax_by_weight": {
+                f"{w:g}": dict(parts) for w, parts in self.excess.items()
+            },
+        }
+
+
+def choose_map_balance(
+    signal_out_of_fold: ArrayLike,
+    confidence: ArrayLike,
+    correct: ArrayLike,
+    groups: ArrayLike,
+    parts: ArrayLike,
+    seed: int = 0,
+) -> MapBalance:
+    """How much the clean part weighs when the probability map is fitted.
+
+    One monotone map cannot be calibrated for two populations whose accuracy at the same
+    signal value differs; equal weights make it under-state clean accuracy and over-state
+    shifted accuracy. Which population traffic will look like is unknown, so the promise
+    made is the one a user can check: TRUST_PROB no less calibrated than the softmax
+    confidence it is served beside, on clean and on shifted data. Each weight of
+    :data:`CLEAN_WEIGHTS` is judged out of fold (maps fitted on the other folds' out-of-fold
+    signal values, folds by source image); equal weights are kept when they keep that
+    promise, else the nearest weight that does, else the one whose worst excess is smallest.
+    """
+    s = np.asarray(signal_out_of_fold, dtype=np.float64)
+    msp = np.asarray(confidence, dtype=np.float64)
+    y = np.asarray(correct).astype(bool)
+    p = np.asarray(parts, dtype=np.int64)
+    fold = group_folds(np.asarray(groups, dtype=np.int64), CV_FOLDS, seed + 2)
+    labels = {0: "clean", 1: "shifted"}
+    base = {labels[q]: M.ece(msp[p == q], y[p == q]) for q in (0, 1) if (p == q).any()}
+    excess: dict[float, dict[str, float]] = {}
+    for clean_weight in CLEAN_WEIGHTS:
+        weights = balanced_weights(p, clean_weight)
+        prob = np.zeros(s.size)
+        for k in range(CV_FOLDS):
+            train = (fold != k) & (weights > 0)
+            test = fold == k
+            w = weights[train] * (np.count_nonzero(train) / weights[train].sum())
+            prob[test] = fit_probability_map(s[train], y[train], weights=w)(s[test])
+        excess[clean_weight] = {
+            labels[q]: M.ece(prob[p == q], y[p == q]) - base[labels[q]]
+            for q in (0, 1)
+            if labels[q] in base
+        }
+    keeping = [w for w in CLEAN_WEIGHTS if max(excess[w].values()) <= 0.0]
+    chosen = keeping[0] if keeping else min(CLEAN_WEIGHTS, key=lambda w: max(excess[w].values()))
+    return MapBalance(chosen, excess)
+
+
 # ---- thresholds -----------------------------------------------------------------------------
 
 
@@ -231,9 +323,10 @@ def fit_trust_calibration(
     """Choose the signal, refit it (and, for the report, every single input and the full
     combination) on all of the calibration data, fit each one's probability map, and the
     threshold on the chosen TRUST_PROB. ``parts`` marks clean (0) and shifted (1) samples:
-    both then weigh the same in the logistic fits, the choice, the probability map and the
-    threshold (TRUST_PROB then describes traffic that is half clean, half shifted, not
-    one that is 98 % corrupted copies).
+    both then weigh the same in the logistic fits, the choice and the threshold (which then
+    describes traffic that is half clean, half shifted, not one that is 98 % corrupted
+    copies); in the probability map they weigh what :func:`choose_map_balance` decides, so
+    that TRUST_PROB is no less calibrated than softmax confidence on either part.
 
     Returns the calibration, how it was chosen, and the reported candidates' (signal, map)
     for :func:`assess`. Raises :class:`CalibrationRefused` with fewer than :data:`MIN_ERRORS`
@@ -250,11 +343,21 @@ def fit_trust_calibration(
         )
     selection = select_signal(inputs, y, groups, seed, force, parts)
     weights = part_weights(parts, y.size)
+    balance = None
+    map_weights = weights
+    if parts is not None and CONFIDENCE in inputs:
+        balance = choose_map_balance(
+            selection.out_of_fold, inputs[CONFIDENCE], y, groups, parts, seed
+        )
+        map_weights = balanced_weights(parts, balance.clean_weight)
+    keep = map_weights > 0
+    map_weights = map_weights[keep] * (np.count_nonzero(keep) / map_weights[keep].sum())
     names = dict.fromkeys([*inputs, COMBINATION, selection.chosen])
     fitted = {}
     for name in names:
         sig = fit_candidate(name, inputs, y, groups, seed, weights)
-        fitted[name] = (sig, fit_probability_map(sig(inputs), y, weights=weights))
+        values = sig(inputs)
+        fitted[name] = (sig, fit_probability_map(values[keep], y[keep], weights=map_weights))
     signal, prob_map = fitted[selection.chosen]
     trust_prob = prob_map(signal(inputs))
     threshold = choose_threshold(trust_prob, y, target, weights)
@@ -266,7 +369,8 @@ def fit_trust_calibration(
         achieved_on_calibration=achieved(trust_prob, y, threshold, target.kind, weights),
         contrast_k=contrast_k,
         fitted_on={"samples": int(y.size), "wrong": wrong, "data": data},
-        selection=selection.to_dict(),
+        selection=selection.to_dict()
+        | ({} if balance is None else {"map_balance": balance.to_dict()}),
         probe=_probe(signal, contrast_k, probe),
     )
     return calibration, selection, fitted

@@ -130,6 +130,7 @@ def markdown(
         "calibration data).",
         "- TRUST_PROB: centred isotonic map with a minimum block size and Laplace-smoothed "
         "levels, so it is never exactly 0 or 1.",
+        *_balance_lines(calibration),
         "",
         "Intervals are 2.5-97.5 % bootstrap percentiles, resampling whole source images (a "
         "corrupted copy is drawn with its image); ECE percentiles can sit above the point "
@@ -145,6 +146,39 @@ def markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _balance_lines(calibration: TrustCalibration) -> list[str]:
+    """How much the clean part weighed in the map, and the out-of-fold ECE excesses behind
+    the choice (nothing for a calibration without shifted data)."""
+    balance = calibration.selection.get("map_balance")
+    if not balance:
+        return []
+    weight = balance["clean_weight"]
+    excess = balance["ece_minus_softmax_by_weight"]
+    chosen = excess[f"{weight:g}"]
+    kept = max(chosen.values()) <= 0.0
+    lines = [
+        f"- The map weighs the clean part {100 * weight:g} % and the shifted part "
+        f"{100 * (1 - weight):g} % ({balance['rule']}). Out of fold, TRUST_PROB's ECE minus "
+        "softmax confidence's at that weight: "
+        + ", ".join(f"{part} {value:+.4f}" for part, value in chosen.items())
+        + (
+            "."
+            if kept
+            else ". **No weight kept TRUST_PROB as calibrated as softmax confidence on both "
+            "parts**: on this model one monotone map of the signal cannot serve clean and "
+            "shifted traffic; calibrate on data that looks like your traffic."
+        ),
+        "",
+        "| clean weight | " + " | ".join(f"ECE minus softmax, {p}" for p in chosen) + " |",
+        "|---:|" + "---:|" * len(chosen),
+    ]
+    lines += [
+        f"| {w} | " + " | ".join(f"{v:+.4f}" for v in parts.values()) + " |"
+        for w, parts in excess.items()
+    ]
+    return lines
 
 
 def reliability_diagram(

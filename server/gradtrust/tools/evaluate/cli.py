@@ -255,6 +255,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     except CalibrationRefused as err:
         print(f"gradtrust calibrate: refused: {err}", file=sys.stderr)
         return 2
+    balance = calibration.selection.get("map_balance")
+    if balance:
+        excess = balance["ece_minus_softmax_by_weight"][f"{balance['clean_weight']:g}"]
+        print(
+            f"probability map: clean part weighs {100 * balance['clean_weight']:g} %; out-of-fold "
+            "ECE minus softmax confidence's: "
+            + ", ".join(f"{p} {v:+.4f}" for p, v in excess.items())
+            + ("" if max(excess.values()) <= 0 else " (no weight kept it no worse on both parts)")
+        )
     ranked = sorted(
         ((n, v) for n, v in selection.auroc.items() if selection.eligible[n]), key=lambda kv: -kv[1]
     )[:5]
@@ -334,7 +343,10 @@ def _calibrate(args: argparse.Namespace) -> int:
             print(f"gradtrust calibrate: refused: {problem}", file=sys.stderr)
         print(
             "nothing was written to the entry: this model's TRUST_PROB would rank errors worse "
-            "than its softmax confidence. Try more (or harder, --mix corruptions) labelled data",
+            "than its softmax confidence. Try more (or harder, --mix corruptions) labelled "
+            "data; or add `--signal msp` to serve calibrated softmax confidence as TRUST_PROB "
+            "(it ranks errors exactly as CONFIDENCE does: on this model's held-out data no "
+            "gradient signal was shown to rank them better)",
             file=sys.stderr,
         )
         return 1

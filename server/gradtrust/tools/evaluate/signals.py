@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -101,7 +101,7 @@ def _log_loss(eta: Floats, y: Bools, w: Floats) -> float:
     return float(w @ np.logaddexp(0.0, np.where(y, -eta, eta)))
 
 
-def _group_folds(groups: NDArray[np.int64], folds: int, seed: int) -> NDArray[np.int64]:
+def group_folds(groups: NDArray[np.int64], folds: int, seed: int) -> NDArray[np.int64]:
     unique = np.unique(groups)
     fold_of = np.random.default_rng([seed, 7]).permutation(unique.size) % folds
     return fold_of[np.searchsorted(unique, groups)]
@@ -129,7 +129,7 @@ def fit_combination(
     if not names:
         raise CalibrationRefused("every input is constant on the calibration data")
     x = np.stack([t(inputs[n]) for n, t in zip(names, transforms, strict=True)], axis=1)
-    fold = _group_folds(g, CV_FOLDS, seed)
+    fold = group_folds(g, CV_FOLDS, seed)
     losses = []
     for l2 in L2_GRID:
         loss = 0.0
@@ -211,6 +211,9 @@ class Selection:
     folds: int
     samples: int
     wrong: int
+    #: The chosen signal's out-of-fold values (each calibration sample scored by the fit on
+    #: the other folds): what the probability map's part weighting is judged on.
+    out_of_fold: Floats = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -263,7 +266,7 @@ def select_signal(
     known = candidate_names(inputs)
     if force is not None and force not in known:
         raise InvalidInputError(f"unknown signal {force!r}; this model offers: {', '.join(known)}")
-    fold = _group_folds(g, CV_FOLDS, seed + 1)
+    fold = group_folds(g, CV_FOLDS, seed + 1)
     if any((~y[fold != k]).sum() < 2 for k in range(CV_FOLDS)):
         raise CalibrationRefused(
             "too few wrong predictions to split the calibration data for choosing a signal"
@@ -322,4 +325,5 @@ def select_signal(
         folds=CV_FOLDS,
         samples=int(y.size),
         wrong=int((~y).sum()),
+        out_of_fold=values[chosen],
     )
