@@ -266,14 +266,27 @@ def _mix(m: Floats, along: _Axis, axis: int) -> Floats:
     low = np.take(m, along.low, axis=axis)
     if n_in == 1:
         return low
-    high = np.take(m, np.minimum(along.low + 1, n_in - 1), axis=axis)
     frac = along.frac if axis == -1 else along.frac[:, None]
-    out: Floats = low + frac * (high - low)
+    # low + frac * (high - low), computed in place in the gathered ``high``: the same
+    # floating-point operations (products and sums commute exactly), without two more
+    # output-sized temporaries (fresh pages for a full-size map; docs/BENCHMARKS.md).
+    out: Floats = np.take(m, np.minimum(along.low + 1, n_in - 1), axis=axis)
+    out -= low
+    out *= frac
+    out += low
     return out
 
 
-def _normalize(maps: Floats, low: Floats, span: Floats, flat: NDArray[np.bool_]) -> Floats:
-    out: Floats = np.where(flat, 0.0, (maps - low) / np.where(flat, 1.0, span))
+def _normalize(
+    maps: Floats, low: Floats, span: Floats, flat: NDArray[np.bool_], in_place: bool = False
+) -> Floats:
+    """``(maps - low) / span``, and 0 for the ``flat`` maps; ``in_place`` overwrites ``maps``
+    (a temporary of the caller's) when no map is flat, the usual case."""
+    if not flat.any():  # the same values as below, without the np.where passes
+        out: Floats = np.subtract(maps, low, out=maps if in_place else None)
+        out /= span
+        return out
+    out = np.where(flat, 0.0, (maps - low) / np.where(flat, 1.0, span))
     return out
 
 
@@ -320,9 +333,12 @@ def finish_maps(raw: ArrayLike, size: tuple[int, int] | None) -> Floats:
     relu = np.maximum(np.asarray(raw, np.float64), 0.0)
     target = relu.shape[-2:] if size is None else _as_size(size)
     up = upsample_bilinear(relu, (int(target[0]), int(target[1])))
-    low = up.min(axis=(-2, -1), keepdims=True)
-    span = up.max(axis=(-2, -1), keepdims=True) - low
-    return _normalize(up, low, span, (span <= 0) | _constant(relu))
+    # Extremes over one flat axis (numpy reduces it far faster than over two); ``up`` is
+    # this function's own temporary, so it is normalised in place.
+    flat_up = up.reshape(*up.shape[:-2], -1)
+    low = flat_up.min(axis=-1)[..., None, None]
+    span = flat_up.max(axis=-1)[..., None, None] - low
+    return _normalize(up, low, span, (span <= 0) | _constant(relu), in_place=True)
 
 
 # ---------------------------------------------------------------------------------------
