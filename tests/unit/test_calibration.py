@@ -34,7 +34,14 @@ from gradtrust.serving.contract import FEATURES, LOGITS
 from gradtrust.serving.decoding import decode_batch
 from gradtrust.tools.evaluate import cli
 from gradtrust.tools.evaluate import metrics as M
-from gradtrust.tools.evaluate.assessment import assess, verdict
+from gradtrust.tools.evaluate.assessment import (
+    RAW_CONFIDENCE,
+    Assessment,
+    Interval,
+    assess,
+    calibration_warnings,
+    verdict,
+)
 from gradtrust.tools.evaluate.calibration import (
     CLEAN_WEIGHTS,
     MIN_ERRORS,
@@ -181,6 +188,21 @@ def test_probability_map_keeps_rising_beyond_its_knots_by_at_most_the_tail_share
     assert m(above).max() <= 0.97 + TAIL_SHARE * 0.03 + 1e-15
     assert m(below).min() >= 0.3 - TAIL_SHARE * 0.3 - 1e-15
     np.testing.assert_allclose(m(np.array([0.5, 0.7, 0.99])), [0.3, 0.55, 0.97], rtol=1e-15)
+
+
+def test_fitted_map_ranks_confident_predictions_as_finely_as_softmax_when_they_cluster_at_1():
+    # Confidences within 1e-3 of 1 where accuracy still rises with confidence, and a large
+    # top block: right and wrong must still be told apart after the cast to float32.
+    rng = np.random.default_rng(8)
+    z = rng.uniform(1, 7, 5000)
+    msp = 1.0 - 0.5 * 10.0**-z
+    correct = rng.random(msp.size) < 0.2 + 0.1 * z
+    m = fit_probability_map(msp, correct, min_block=1000)
+    assert m.tail_widths == pytest.approx((m.x[0] - msp.min(), msp.max() - m.x[-1]))
+    served = M.auroc(m(msp).astype(np.float32), correct)
+    # A flat tail loses 0.0025 here, a tail as wide as the knot spacing 0.00014.
+    assert served >= M.auroc(msp.astype(np.float32), correct) - 5e-5
+    assert ProbabilityMap.from_dict(json.loads(json.dumps(m.to_dict()))) == m
 
 
 def _two_populations(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -334,6 +356,22 @@ def test_verdict_refuses_a_signal_when_it_ranks_errors_worse_than_softmax_beyond
     # The best signal of the same fit is accepted: its interval does not lie below 0.
     assert verdict("combination", [part]) == []
     assert part.auroc_gain["combination"].value > 0
+
+
+def test_calibration_warnings_name_the_part_when_trust_prob_is_less_calibrated_than_softmax():
+    def part(name: str, ece_trust: float, ece_soft: float) -> Assessment:
+        rows = {
+            "msp": {"ece": Interval(ece_trust, 0.0, 1.0)},
+            RAW_CONFIDENCE: {"ece": Interval(ece_soft, 0.0, 1.0)},
+        }
+        return Assessment(name, 500, 20, 0.96, rows=rows)
+
+    warnings = calibration_warnings(
+        "msp", [part("clean", 0.047, 0.014), part("shifted", 0.04, 0.09)]
+    )
+    assert len(warnings) == 1
+    assert "on clean held-out data" in warnings[0] and "ECE 0.0470 against 0.0140" in warnings[0]
+    assert calibration_warnings("msp", [part("clean", 0.01, 0.014)]) == []
 
 
 def test_assess_reports_every_candidate_and_the_served_softmax_when_given_held_out_data():

@@ -24,7 +24,8 @@ JSON (``trust_calibration.json`` in a model-repository entry), version 2::
              or {"kind": "combination", "inputs": [...], "transforms": [{"center": 0.8,
                  "scale": 1.3}, ...], "coef": [...], "intercept": -1.2, "l2": 1.0},
       "contrast_k": 3,
-      "map": {"x": [...], "y": [...]},          # signal -> TRUST_PROB
+      "map": {"x": [...], "y": [...],           # signal -> TRUST_PROB
+              "tail_widths": [0.4, 0.002]},     # optional: the tails' scales
       "low_trust_threshold": 0.62,              # low trust = TRUST_PROB < threshold
       "target": {"kind": "flag_rate", "value": 0.05},
       "achieved_on_calibration": 0.049,
@@ -114,7 +115,8 @@ class ProbabilityMap:
     centres rather than holding each level flat leaves fewer ties for the low-trust
     threshold to split. Beyond the outer knots the map keeps rising, by at most
     :data:`TAIL_SHARE` of the remaining distance to 1 (falling, of the distance to 0 below
-    the first knot), exponentially in units of the mean knot spacing: a flat tail would tie
+    the first knot), exponentially in units of how far the calibration signal reached beyond
+    that knot (``tail_widths``; the mean knot spacing in files without them): a flat tail would tie
     every prediction more confident than the top block's centre, which for a confidently
     wrong model under shift is where right and wrong answers have to be told apart (served
     as float32, the tie costs ranking that softmax confidence keeps). The levels move by at
@@ -123,9 +125,21 @@ class ProbabilityMap:
 
     x: tuple[float, ...]
     y: tuple[float, ...]
+    #: The tails' scales below the first and above the last knot: how far the calibration
+    #: signal reached beyond them (None: the mean knot spacing). Fitted to the data, so the
+    #: tail resolves the values it will meet as finely as the signal itself.
+    tail_widths: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         _knots(self.x, self.y, "map", strict_y=False)
+        if self.tail_widths is not None and not (
+            len(self.tail_widths) == 2
+            and all(math.isfinite(w) and w > 0 for w in self.tail_widths)
+        ):
+            raise ConfigError(
+                "calibration map tail_widths must be two positive numbers: re-run "
+                "`gradtrust calibrate`"
+            )
         if min(self.y) <= 0.0 or max(self.y) >= 1.0:
             raise ConfigError(
                 "calibration map values must lie strictly between 0 and 1: re-run "
@@ -136,21 +150,31 @@ class ProbabilityMap:
         """P(correct) per value, float64, same shape; NaN stays NaN."""
         v = np.asarray(values, dtype=np.float64)
         x0, x1, y0, y1 = self.x[0], self.x[-1], self.y[0], self.y[-1]
-        width = (x1 - x0) / (len(self.x) - 1) if len(self.x) > 1 else 1.0
+        spacing = (x1 - x0) / (len(self.x) - 1) if len(self.x) > 1 else 1.0
+        low, high = self.tail_widths or (spacing, spacing)
         with np.errstate(invalid="ignore", over="ignore"):
-            rise = -np.expm1(-np.maximum(v - x1, 0.0) / width)  # 0 at the knot, -> 1
-            fall = -np.expm1(-np.maximum(x0 - v, 0.0) / width)
+            rise = -np.expm1(-np.maximum(v - x1, 0.0) / high)  # 0 at the knot, -> 1
+            fall = -np.expm1(-np.maximum(x0 - v, 0.0) / low)
         p = np.interp(v, self.x, self.y)
         p = np.where(v > x1, y1 + (1.0 - y1) * TAIL_SHARE * rise, p)
         p = np.where(v < x0, y0 - y0 * TAIL_SHARE * fall, p)
         return np.clip(p, PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR)
 
     def to_dict(self) -> dict[str, list[float]]:
-        return {"x": list(self.x), "y": list(self.y)}
+        out = {"x": list(self.x), "y": list(self.y)}
+        if self.tail_widths is not None:
+            out["tail_widths"] = list(self.tail_widths)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProbabilityMap:
-        return cls(_floats(data.get("x"), "map x"), _floats(data.get("y"), "map y"))
+        widths = data.get("tail_widths")
+        tail = None if widths is None else _floats(widths, "map tail_widths")
+        return cls(
+            _floats(data.get("x"), "map x"),
+            _floats(data.get("y"), "map y"),
+            None if tail is None else cast(tuple[float, float], tail),
+        )
 
 
 @dataclass(frozen=True)

@@ -130,3 +130,25 @@ def verdict(chosen: str, assessments: Sequence[Assessment]) -> list[str]:
                 f"difference {gain.value:+.3f}, 95 % interval [{gain.low:+.3f}, {gain.high:+.3f}]"
             )
     return problems
+
+
+def calibration_warnings(chosen: str, assessments: Sequence[Assessment]) -> list[str]:
+    """Where the served TRUST_PROB is less calibrated (ECE) than the softmax confidence it is
+    served beside, on a held-out part: not a refusal (the ranking holds), but a user must be
+    told, because on that kind of traffic CONFIDENCE is the better probability."""
+    warnings = []
+    for a in assessments:
+        row, soft = a.rows.get(chosen), a.rows.get(RAW_CONFIDENCE)
+        if row is None or soft is None:
+            continue
+        ece, base = row["ece"].value, soft["ece"].value
+        if math.isfinite(ece) and math.isfinite(base) and ece > base:
+            warnings.append(
+                f"on {a.part} held-out data ({a.samples} samples, {a.wrong} wrong) TRUST_PROB "
+                f"is less calibrated than softmax confidence (ECE {ece:.4f} against "
+                f"{base:.4f}): one map of this signal does not fit clean and shifted traffic "
+                "alike on this model. Calibrate on data that looks like your traffic "
+                "(--mix clean for clean traffic, given enough errors), and read TRUST_PROB on "
+                f"{a.part} traffic with that in mind"
+            )
+    return warnings

@@ -95,7 +95,8 @@ def fit_probability_map(
     ``min_block`` (default ``max(30, 1 % of N)``) into the neighbour whose accuracy is
     closer (merging neighbours keeps the fit monotone); smooth each block's accuracy to
     ``(right + 1) / (n + 2)`` and pool again wherever smoothing broke the order. One knot
-    per block at its mean signal. ``weights`` (summing to N) weigh the samples, block sizes
+    per block at its mean signal; the tails' scales are how far the signal reached beyond
+    the outer knots. ``weights`` (summing to N) weigh the samples, block sizes
     included.
     """
     s = np.asarray(signal, dtype=np.float64).ravel()
@@ -125,7 +126,14 @@ def fit_probability_map(
     sx2, sh2, sn2 = _pav_smoothed(centres, np.asarray(sh), np.asarray(sn))
     xs = np.asarray(sx2) / np.asarray(sn2)
     ys = np.asarray([_smoothed(h, n) for h, n in zip(sh2, sn2, strict=True)])
-    return ProbabilityMap(tuple(float(v) for v in xs), tuple(float(v) for v in ys))
+    spacing = float(xs[-1] - xs[0]) / (xs.size - 1) if xs.size > 1 else 1.0
+    reach = (float(xs[0] - s.min()), float(s.max() - xs[-1]))
+    tail = (reach[0] if reach[0] > 0 else spacing, reach[1] if reach[1] > 0 else spacing)
+    return ProbabilityMap(
+        tuple(float(v) for v in xs),
+        tuple(float(v) for v in ys),
+        tail if all(math.isfinite(w) and w > 0 for w in tail) else None,
+    )
 
 
 def _pav_smoothed(

@@ -82,6 +82,7 @@ def markdown(
     problems: Sequence[str],
     command: str,
     written: bool,
+    warnings: Sequence[str] = (),
 ) -> str:
     """The report page (GitHub markdown)."""
     signal = calibration.signal
@@ -105,6 +106,7 @@ def markdown(
         "",
         status,
         "",
+        *[f"**Warning**: {w}.\n" for w in warnings],
         f"- Served `TRUST_PROB` = map(signal); signal: **{signal.name}** ({picked}), "
         + (
             f"an L2 logistic combination (penalty {signal.l2:g}) of {', '.join(signal.inputs)}"
@@ -278,6 +280,7 @@ def write_report(
     problems: Sequence[str],
     command: str,
     written: bool,
+    warnings: Sequence[str] = (),
 ) -> list[Path]:
     """Write the markdown page and both figures into ``folder``; returns their paths."""
     out = Path(folder)
@@ -285,7 +288,7 @@ def write_report(
     chosen = calibration.signal.name
     paths = [out / MARKDOWN, out / RELIABILITY, out / RISK_COVERAGE]
     paths[0].write_text(
-        markdown(entry, calibration, selection, assessments, problems, command, written),
+        markdown(entry, calibration, selection, assessments, problems, command, written, warnings),
         encoding="utf-8",
     )
     reliability_diagram(assessments, chosen, paths[1])

@@ -196,7 +196,7 @@ def _score_all(scorer: Any, images: np.ndarray, desc: str, chunk: int = 2000) ->
 
 def _calibrate(args: argparse.Namespace) -> int:
     from gradtrust.tools.evaluate import calibration_report
-    from gradtrust.tools.evaluate.assessment import assess, verdict
+    from gradtrust.tools.evaluate.assessment import assess, calibration_warnings, verdict
     from gradtrust.tools.evaluate.calibration import check_heldout, fit_trust_calibration
     from gradtrust.tools.evaluate.repository import write_calibration
     from gradtrust.tools.evaluate.roundtrip import calibration_set
@@ -305,6 +305,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             )
         )
     problems = verdict(calibration.signal.name, parts)
+    warnings = [] if problems else calibration_warnings(calibration.signal.name, parts)
     for a in parts:
         gain = a.auroc_gain[calibration.signal.name]
         row = a.rows[calibration.signal.name]
@@ -335,9 +336,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         + (f" --signal {args.signal}" if args.signal else "")
     )
     reports = calibration_report.write_report(
-        out, args.model, calibration, selection, parts, problems, command, written
+        out, args.model, calibration, selection, parts, problems, command, written, warnings
     )
     print(f"wrote {', '.join(str(p) for p in reports)}")
+    for warning in warnings:
+        print(f"gradtrust calibrate: warning: {warning}", file=sys.stderr)
     if problems:
         for problem in problems:
             print(f"gradtrust calibrate: refused: {problem}", file=sys.stderr)
@@ -355,7 +358,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         return 0
     path = write_calibration(entry, calibration)
     print(f"wrote {path}: the server serves TRUST_PROB after the model is reloaded")
-    return 0 if check.passed or not args.strict else 1
+    return 0 if (check.passed and not warnings) or not args.strict else 1
 
 
 def register(subparsers: Any) -> None:
@@ -428,7 +431,8 @@ def register(subparsers: Any) -> None:
     cal.add_argument(
         "--strict",
         action="store_true",
-        help="exit 1 if TRUST_PROB's held-out ECE is worse than softmax's or the target is missed",
+        help="exit 1 if TRUST_PROB's ECE on a held-out part is worse than softmax's or the "
+        "target is missed",
     )
     cal.set_defaults(func=_calibrate)
 
