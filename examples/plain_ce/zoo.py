@@ -448,10 +448,18 @@ def _print_tables(report: dict[str, dict[str, dict[str, Any]]]) -> None:
         print(
             f"| {key} | {r['signal']} | {r['accuracy']:.3f} ({r['errors']}) "
             f"| {r['auroc_trust_prob']:.3f} "
-            f"| {r['auroc_confidence']:.3f} | [{lo:+.3f}, {hi:+.3f}] "
+            f"| {r['auroc_confidence']:.3f} | [{lo:+.4f}, {hi:+.4f}] "
             f"| {r['ece_trust_prob']:.3f} | {r['ece_confidence']:.3f} "
             f"| [{elo:+.3f}, {ehi:+.3f}] |"
         )
+    # The bar, per held-out set: the AUROC difference interval includes zero or lies
+    # above it, and the ECE difference interval includes zero or lies below it.
+    ranks = sum(r["trust_prob_minus_confidence_ci"][1] >= 0 for r in served.values())
+    calibrated = sum(r["ece_difference_ci"][0] <= 0 for r in served.values())
+    print(
+        f"\nTRUST_PROB ranks errors at least as well as CONFIDENCE on {ranks} of {len(served)} "
+        f"sets and is no less calibrated on {calibrated} of {len(served)}"
+    )
     cands = report["candidates"]
     names = ["msp", "gradtrust", "gradtrust_released", "margin", "entropy", "max_logit"]
     print("\n| model / held-out set | " + " | ".join(names) + " | gradtrust - msp, 95 % CI |")
