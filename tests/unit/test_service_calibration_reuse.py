@@ -113,3 +113,18 @@ def test_service_trust_prob_equals_the_calibration_applied_from_scratch_when_sco
         np.testing.assert_array_equal(
             answer[TRUST_PROB][:, 0], expected[np.flatnonzero(ok == i)].astype(np.float32)
         )
+
+
+@pytest.mark.parametrize("c", [2, 3, 10, 1000])
+def test_gradtrust_and_msp_equal_compute_scores_bit_for_bit_when_logits_are_validated(c):
+    # The server's unchecked pair must be the checked computation exactly, across the
+    # row blocks compute_scores splits big batches into (16 rows at C = 1000).
+    rng = np.random.default_rng(c)
+    logits = rng.normal(size=(70, c)) * rng.choice([0.01, 1.0, 30.0, 1e6], size=(70, 1))
+    logits[0] = 2.0  # ties
+    logits[1, 0] = 1e300  # a span beyond float64 (overflows inside, handled)
+    logits[1, 1:] = -1e300
+    trust, conf = scores.gradtrust_and_msp(logits)
+    reference = scores.compute_scores(logits, ("gradtrust", "msp"))
+    np.testing.assert_array_equal(trust, reference["gradtrust"])
+    np.testing.assert_array_equal(conf, reference["msp"])

@@ -530,8 +530,25 @@ def compute_scores(
         )
     k = _check_k(contrast_k)
     z = _logits(logits, copy=False)
+    h = _as_features(features, z.shape[0]) if needs_h and features is not None else None
+    return _compute_validated(z, h, wanted, k)
+
+
+def gradtrust_and_msp(logits: Floats) -> tuple[Floats, Floats]:
+    """``gradtrust`` and ``msp`` of logits the caller has already validated: float64,
+    shape (N, C) with C >= 2, every value finite (the server checks that for each sample
+    before scoring). The same computation as ``compute_scores(logits, ("gradtrust",
+    "msp"))``, bit for bit, without its checks: right after a forward pass every numpy
+    call costs several times its usual time, and the server needs this pair per batch.
+    """
+    out = _compute_validated(logits, None, ["gradtrust", "msp"], 3)  # k: contrast_trust's
+    return out["gradtrust"], out["msp"]
+
+
+def _compute_validated(z: Floats, h: Floats | None, wanted: list[str], k: int) -> dict[str, Floats]:
+    """:func:`compute_scores` after its checks: ``z`` finite float64 (N, C), ``h`` the
+    features when a wanted score needs them, ``k`` >= 1."""
     n, c = z.shape
-    h = _as_features(features, n) if needs_h and features is not None else None
     k = min(k, c - 1)
     rows = max(1, _BLOCK_VALUES // c)
     # Logit spans beyond float64 overflow to -inf, whose exp is the correct 0, and

@@ -451,18 +451,18 @@ def _base_scores(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GradTrust, confidence (MSP) and predicted class of every sample with finite logits
     (NaN, NaN, 0 for the others), in one validated pass over the batch."""
-    names = ("gradtrust", "msp")
+    # ``logits`` are float64 and ``finite`` says where they are finite: the rows scored are
+    # validated already, so the scores are computed without checking them again.
     if finite.all():
-        base = scores.compute_scores(logits, names)
+        trust, conf = scores.gradtrust_and_msp(logits)
         # np.argmax is scores.predicted_class without validating the logits a second time.
-        return base["gradtrust"], base["msp"], np.argmax(logits, axis=1).astype(np.int64)
+        return trust, conf, np.argmax(logits, axis=1).astype(np.int64, copy=False)
     trust = np.full(len(logits), np.nan)
     conf = np.full(len(logits), np.nan)
     pred = np.zeros(len(logits), dtype=np.int64)
     if finite.any():
         ok = logits[finite]
-        base = scores.compute_scores(ok, names)
-        trust[finite], conf[finite] = base["gradtrust"], base["msp"]
+        trust[finite], conf[finite] = scores.gradtrust_and_msp(ok)
         pred[finite] = np.argmax(ok, axis=1)
     return trust, conf, pred
 
