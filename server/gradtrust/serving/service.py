@@ -52,6 +52,8 @@ from gradtrust.serving.settings import ModelSettings, RequestOptions
 
 Outputs = dict[str, np.ndarray]
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_EMPTY = np.empty(0)  # what a batch with no answered sample records (read-only, shared)
+_EMPTY.flags.writeable = False
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,8 @@ class BatchResult:
     """Per-request answers plus what the metrics need (valid samples only)."""
 
     answers: list[Outputs | InvalidInputError]
-    gradtrust: np.ndarray = field(default_factory=lambda: np.empty(0))
-    confidence: np.ndarray = field(default_factory=lambda: np.empty(0))
+    gradtrust: np.ndarray = field(default_factory=lambda: _EMPTY)
+    confidence: np.ndarray = field(default_factory=lambda: _EMPTY)
     trust_seconds: float = 0.0
     heatmap_seconds: float | None = None
     #: TRUST_PROB of the same samples when the entry is calibrated (the metrics need it
