@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
@@ -28,8 +29,17 @@ from tritonclient.utils import InferenceServerException
 
 from gradtrust.core import scores
 from gradtrust.ops.tritonserver import Ports, TritonServer, free_port, start_server
-from gradtrust.serving.contract import FEATURES, LOGITS
+from gradtrust.serving.classifier import OnnxClassifier
+from gradtrust.serving.contract import (
+    FEATURES,
+    INTROSPECTION_ONNX,
+    INTROSPECTIVE_CLASS_ID,
+    INTROSPECTIVE_CONFIDENCE,
+    LOGITS,
+)
+from gradtrust.serving.introspector import Introspector
 from gradtrust.serving.settings import DEFAULT_SCORES
+from gradtrust.tools.introspect.network import IntrospectiveMLP, export_onnx
 from gradtrust.tools.prepare import cli
 from tests.reference.autograd_heatmaps import autograd_explain
 from tests.unit.test_prepare_zoo import ZOO, ZOO_BY_NAME, ZooModel, export, torch_outputs
@@ -96,6 +106,13 @@ def add_deployed_classifier(repo: Path, root: Path) -> None:
         assert code == 0
 
 
+def add_introspective_network(entry: Path) -> None:
+    """An (untrained, seeded) introspective network for gap_cnn's 10 classes and 12
+    features, as `gradtrust introspect` would write it into the entry."""
+    torch.manual_seed(3)
+    export_onnx(IntrospectiveMLP(10, 12, hidden=16), entry / "1" / INTROSPECTION_ONNX)
+
+
 @dataclass
 class Served:
     server: TritonServer
@@ -121,6 +138,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     assert code == 0
     models[NORMALISED] = models["softmax_cnn"]
     add_deployed_classifier(repo, root)
+    add_introspective_network(repo / WRAPPED)
     models[WRAPPED] = models[MISWIRED] = models["gap_cnn"]
     server = start_server(
         repo,
@@ -354,6 +372,28 @@ def test_wrapped_model_fails_with_the_deployed_models_error_when_a_name_is_wrong
     entry = ZOO_BY_NAME["gap_cnn"]
     with pytest.raises(InferenceServerException, match="wrapped model 'deployed_gap' failed"):
         infer(served, MISWIRED, {"IMAGE": entry.images(2)}, BASE_OUTPUTS)
+
+
+def test_wrapped_model_answers_introspective_outputs_when_its_entry_has_a_network(served):
+    # The entry reads no head weight (a wrapped model has none): the network's feature width
+    # is checked against what the deployed model returns.
+    images = ZOO_BY_NAME["gap_cnn"].images(6, seed=5)
+    first = OnnxClassifier(served.server.model_repository / "gap_cnn" / "1" / "model.onnx")
+    out = first.run(images, [LOGITS, FEATURES])
+    introspector = Introspector(
+        served.server.model_repository / WRAPPED / "1" / INTROSPECTION_ONNX, 10, 12
+    )
+    want = introspector.predict(out[LOGITS], out[FEATURES])
+    for protocol in ("http", "grpc"):
+        got = infer(
+            served,
+            WRAPPED,
+            {"IMAGE": images},
+            (INTROSPECTIVE_CLASS_ID, INTROSPECTIVE_CONFIDENCE),
+            protocol=protocol,
+        )
+        np.testing.assert_array_equal(got[INTROSPECTIVE_CLASS_ID][:, 0], want.class_id)
+        np.testing.assert_allclose(got[INTROSPECTIVE_CONFIDENCE][:, 0], want.confidence, atol=1e-6)
 
 
 def test_wrapped_model_refuses_heatmaps_clearly_when_asked(served):

@@ -164,6 +164,18 @@ def test_introspector_refuses_a_network_trained_for_another_head_when_loaded(tra
         Introspector(trained[1], 10, 128)
 
 
+def test_introspector_checks_each_batch_when_the_feature_width_is_unknown_at_load(trained) -> None:
+    from gradtrust.errors import ConfigError
+
+    # A classifier called through BLS cannot say its width before it answers.
+    introspector = Introspector(trained[1], 10, None)
+    assert introspector.num_features == 64
+    logits = np.random.default_rng(0).normal(size=(3, 10))
+    with pytest.raises(ConfigError, match="features of size 64, but the classifier returned 32"):
+        introspector.predict(logits, np.ones((3, 32)))
+    assert introspector.predict(logits, np.ones((3, 64))).class_id.shape == (3,)
+
+
 class NanFeatures(Recording):
     """The demo classifier whose features are NaN for the given batch rows."""
 

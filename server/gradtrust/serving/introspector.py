@@ -41,9 +41,12 @@ class Introspector:
         self,
         path: str | os.PathLike[str],
         num_classes: int,
-        num_features: int,
+        num_features: int | None,
         providers: list[str] | None = None,
     ) -> None:
+        """``num_features``: the classifier's penultimate width, checked against the
+        network's input now; None when the classifier cannot say before it runs (a model
+        called through BLS), in which case each batch's features are checked instead."""
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -62,13 +65,21 @@ class Introspector:
             ) from err
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
-        expected = {INTROSPECTION_GRADIENT: num_classes, INTROSPECTION_FEATURES: num_features}
-        if set(inputs) != set(expected) or INTROSPECTION_LOGITS not in outputs:
+        if set(inputs) != {INTROSPECTION_GRADIENT, INTROSPECTION_FEATURES} or (
+            INTROSPECTION_LOGITS not in outputs
+        ):
+            expected_names = sorted((INTROSPECTION_GRADIENT, INTROSPECTION_FEATURES))
             raise ConfigError(
                 f"{self.path} has inputs {sorted(inputs)} and outputs {outputs}; an "
-                f"introspective network takes {sorted(expected)} and returns "
+                f"introspective network takes {expected_names} and returns "
                 f"{INTROSPECTION_LOGITS!r}: re-create it with `gradtrust introspect`"
             )
+        width = inputs[INTROSPECTION_FEATURES][-1]
+        #: The penultimate width the network was trained for.
+        self.num_features = width if isinstance(width, int) else num_features
+        expected = {INTROSPECTION_GRADIENT: num_classes}
+        if num_features is not None:
+            expected[INTROSPECTION_FEATURES] = num_features
         for name, size in expected.items():
             if inputs[name][-1] != size:
                 raise ConfigError(
@@ -80,6 +91,12 @@ class Introspector:
     def logits(self, logits: np.ndarray, features: np.ndarray) -> NDArray[np.float64]:
         """The introspective network's logits (N, C) from the classifier's logits and
         penultimate features."""
+        if self.num_features is not None and np.shape(features)[-1] != self.num_features:
+            raise ConfigError(
+                f"{self.path} was trained for penultimate features of size "
+                f"{self.num_features}, but the classifier returned {np.shape(features)[-1]}: "
+                "re-run `gradtrust introspect` for this entry"
+            )
         g_unit, h_unit = introspection.introspective_factors(logits, features)
         (out,) = self.session.run(
             [INTROSPECTION_LOGITS],

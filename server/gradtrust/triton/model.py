@@ -97,6 +97,12 @@ def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
     return {k: str(v.get("string_value", "")) for k, v in raw.items()}
 
 
+def _feature_width(classifier: Classifier) -> int | None:
+    """The penultimate width an introspective network must take: the head weight's, for a
+    classifier in this entry; unknown until it answers for one called through BLS."""
+    return classifier.head_weight().shape[1] if isinstance(classifier, OnnxClassifier) else None
+
+
 def _read_labels(model_dir: Path) -> list[str]:
     path = model_dir / "labels.txt"
     if not path.is_file():
@@ -147,7 +153,7 @@ class TritonPythonModel:
                 layout=self.spec.layout,
                 calibration=load_model_calibration(model_dir),
                 introspector=Introspector(
-                    introspection, classifier.num_classes, classifier.head_weight().shape[1]
+                    introspection, classifier.num_classes, _feature_width(classifier)
                 )
                 if introspection.is_file()
                 else None,
