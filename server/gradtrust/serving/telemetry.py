@@ -166,6 +166,10 @@ class LowTrustRule:
             )
 
 
+_SMALL_BATCH = 16
+"""Up to this many predictions, :func:`summarize_batch` counts low trust in Python."""
+
+
 def low_trust_mask(values: npt.ArrayLike, threshold: float) -> npt.NDArray[np.bool_]:
     """True where a prediction counts as low trust: its score below ``threshold``.
 
@@ -222,9 +226,15 @@ def summarize_batch(
     if rule.score == "trust_prob" and q is None:
         raise InvalidInputError("low trust is judged on TRUST_PROB, but none was passed")
     judged = q if rule.score == "trust_prob" and q is not None else g
+    if judged.size <= _SMALL_BATCH:
+        # low_trust_mask's rule on Python floats: right after a forward pass each numpy call
+        # costs several times its usual time, and one-image batches are the usual case.
+        low = sum(1 for v in judged.tolist() if not (math.isfinite(v) and v >= rule.threshold))
+    else:
+        low = int(np.count_nonzero(low_trust_mask(judged, rule.threshold)))
     return BatchSummary(
         predictions=int(g.size),
-        low_trust=int(np.count_nonzero(low_trust_mask(judged, rule.threshold))),
+        low_trust=low,
         trust_values=_finite(g),
         confidence_values=_finite(p),
         trust_prob_values=None if q is None else _finite(q),
@@ -346,8 +356,12 @@ class _Histogram:
         if values.size == 0:
             return
         if values.size <= self._SMALL:
+            listed = values.tolist()
+            if len(listed) == 1:  # numpy's sum of one value is that value
+                self.add_one(listed[0])
+                return
             counts: dict[int, int] = {}
-            for v in values.tolist():
+            for v in listed:
                 i = bisect.bisect_left(self.edges, v)  # the first edge >= v: le is inclusive
                 counts[i] = counts.get(i, 0) + 1
             for i, n in counts.items():
@@ -359,6 +373,12 @@ class _Histogram:
             for i in np.flatnonzero(per_bucket).tolist():
                 self.buckets[i].inc(int(per_bucket[i]))
         self.sum.inc(float(values.sum()))
+
+    def add_one(self, value: float) -> None:
+        """Observe one finite value without building an array (one-image batches, and
+        the per-batch durations, right after a forward pass when numpy calls are slow)."""
+        self.buckets[bisect.bisect_left(self.edges, value)].inc(1)
+        self.sum.inc(float(value))
 
 
 def _check_seconds(seconds: float, what: str) -> float:
@@ -511,7 +531,7 @@ class TrustMetrics:
         self._confidence.add(summary.confidence_values)
         if self._trust_prob is not None and summary.trust_prob_values is not None:
             self._trust_prob.add(summary.trust_prob_values)
-        self._trust_seconds.add(np.array([seconds]))
+        self._trust_seconds.add_one(seconds)
         if summary.low_trust:
             self._low_trust.inc(summary.low_trust)
         # Last: a scrape between these writes sees predictions_total <= each _count.
@@ -520,7 +540,7 @@ class TrustMetrics:
 
     def observe_heatmap(self, seconds: float) -> None:
         """Record the seconds spent computing the heatmaps of one batch."""
-        self._heatmap_seconds.add(np.array([_check_seconds(seconds, "heatmap seconds")]))
+        self._heatmap_seconds.add_one(_check_seconds(seconds, "heatmap seconds"))
 
     def count_invalid(self, n: int = 1) -> None:
         """Count ``n`` requests rejected as invalid input."""
