@@ -94,3 +94,17 @@ def test_bench_serving_answers_every_cell_without_errors_when_run_quick(tmp_path
     for model in ("gradtrust_mnist", "gradtrust_mnist_plain", "bench_resnet18"):
         stats = pstats.Stats(str(tmp_path / "profiles" / f"{model}.prof"))
         assert any(func[2] == "execute" for func in stats.stats), model
+
+
+def test_bench_service_cost_reports_both_c1000_models_when_run_briefly() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.service_cost", "--seconds", "0.5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "%" in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["resnet18", "mobilenet"]
