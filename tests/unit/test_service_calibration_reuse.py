@@ -25,8 +25,8 @@ PLAIN = RequestOptions(scores=None, contrast_k=3, heatmap_method=None, contrast_
 def calibration() -> TrustCalibration:
     loaded = load_model_calibration(ENTRY)
     assert loaded is not None, "the demo entry ships a calibration"
-    # The reuse matters only if the signal reads what the service already computes.
-    assert {"gradtrust", "msp"} <= set(loaded.signal.inputs)
+    # The reuse matters only if the signal reads some of what the service computes.
+    assert {"gradtrust", "msp"} & set(loaded.signal.inputs)
     return loaded
 
 
