@@ -133,8 +133,7 @@ class ProbabilityMap:
     def __post_init__(self) -> None:
         _knots(self.x, self.y, "map", strict_y=False)
         if self.tail_widths is not None and not (
-            len(self.tail_widths) == 2
-            and all(math.isfinite(w) and w > 0 for w in self.tail_widths)
+            len(self.tail_widths) == 2 and all(math.isfinite(w) and w > 0 for w in self.tail_widths)
         ):
             raise ConfigError(
                 "calibration map tail_widths must be two positive numbers: re-run "
