@@ -16,10 +16,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from gradtrust.core.calibration import FILENAME as CALIBRATION_FILE
 from gradtrust.ops.tritonserver import Ports, TritonServer, free_port, start_server
@@ -55,18 +58,27 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
         server.stop()
 
 
+class ProxyPorts(NamedTuple):
+    http: int
+    grpc: int
+
+
 @pytest.fixture(scope="module")
-def proxy(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """nginx with deploy/nginx/nginx.conf on a free loopback port; yields the port."""
+def proxy_ports(
+    triton: TritonServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyPorts]:
+    """nginx with deploy/nginx/nginx.conf on free loopback ports (HTTP and gRPC)."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         pytest.fail("nginx is not installed; run `make test-tools` (Debian's nginx)")
     folder = tmp_path_factory.mktemp("nginx")
-    port = free_port()
+    ports = ProxyPorts(free_port(), free_port())
     text = CONF.read_text()
     for old, new in (
         ("server triton:8000;", f"server 127.0.0.1:{triton.ports.http};"),
-        ("listen 8080;", f"listen 127.0.0.1:{port};"),
+        ("server triton:8001;", f"server 127.0.0.1:{triton.ports.grpc};"),
+        ("listen 8080;", f"listen 127.0.0.1:{ports.http};"),
+        ("listen 8081 http2;", f"listen 127.0.0.1:{ports.grpc} http2;"),
         ("/tmp/nginx", str(folder / "nginx")),
     ):
         assert old in text, old
@@ -86,14 +98,21 @@ def proxy(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Ite
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                for port in ports:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
                 time.sleep(0.1)
-        yield port
+        yield ports
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def proxy(proxy_ports: ProxyPorts) -> int:
+    """The proxy's HTTP port."""
+    return proxy_ports.http
 
 
 def _status(port: int, raw: bytes, timeout: float = 15.0) -> int | None:
@@ -232,3 +251,66 @@ def test_proxy_limits_requests_in_progress_per_client_when_connections_pile_up(p
 def test_proxy_refuses_management_apis_when_called_through_it(proxy, method, path):
     raw = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}".encode()
     assert _status(proxy, raw) == 403
+
+
+# ---- gRPC ---------------------------------------------------------------------------------
+
+
+def _grpc_infer(url: str, images: np.ndarray) -> dict[str, np.ndarray]:
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        tensor = grpcclient.InferInput("IMAGE", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
+        names = ("CLASS_ID", "CONFIDENCE", "GRADTRUST")
+        outputs = [grpcclient.InferRequestedOutput(n) for n in names]
+        result = client.infer(DEMO_MODEL, [tensor], outputs=outputs)
+        return {n: result.as_numpy(n) for n in names}
+    finally:
+        client.close()
+
+
+def test_proxy_answers_grpc_inference_like_triton_when_request_is_normal(
+    proxy_ports, triton, digits
+):
+    images = digits[0][:8]
+    through = _grpc_infer(f"127.0.0.1:{proxy_ports.grpc}", images)
+    direct = _grpc_infer(triton.grpc_url, images)
+    for name, value in direct.items():
+        np.testing.assert_array_equal(through[name], value)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.get_model_repository_index(),
+        lambda c: c.unload_model(DEMO_MODEL),
+        lambda c: c.get_system_shared_memory_status(),
+        lambda c: c.get_log_settings(),
+        lambda c: c.get_trace_settings(),
+    ],
+    ids=["repository index", "unload", "shared memory", "logging", "trace"],
+)
+def test_proxy_refuses_grpc_management_rpcs_when_called_through_it(proxy_ports, triton, call):
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{proxy_ports.grpc}")
+    try:
+        with pytest.raises(InferenceServerException, match="refused by the proxy") as err:
+            call(client)
+        assert "PERMISSION_DENIED" in str(err.value.status())
+    finally:
+        client.close()
+    direct = httpclient.InferenceServerClient(triton.http_url)
+    assert direct.is_model_ready(DEMO_MODEL)  # the unload never reached Triton
+
+
+def test_proxy_refuses_a_grpc_message_over_64_mib_when_sent(proxy_ports):
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{proxy_ports.grpc}")
+    images = np.zeros((32, 1, 784, 784), np.float32)  # 75 MiB: over the proxy's limit
+    tensor = grpcclient.InferInput("IMAGE", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    try:
+        with pytest.raises(InferenceServerException) as err:
+            client.infer(DEMO_MODEL, [tensor])
+    finally:
+        client.close()
+    assert "RESOURCE_EXHAUSTED" in str(err.value.status()), err.value
+    assert "over the proxy's 64 MiB limit" in str(err.value)

@@ -1,6 +1,6 @@
-"""deploy/nginx in the deployments: compose puts it in front of Triton's HTTP port, and the
-Kubernetes overlay (deploy/nginx/kustomization.yaml) adds it as a sidecar whose port the
-Service's http port targets. The overlay is merged here the way kustomize merges it (a
+"""deploy/nginx in the deployments: compose puts it in front of Triton's HTTP and gRPC ports,
+and the Kubernetes overlay (deploy/nginx/kustomization.yaml) adds it as a sidecar whose ports
+the Service's http and grpc ports target. The overlay is merged here the way kustomize merges it (a
 container and volumes added by name, one JSON patch) and validated against Kubernetes'
 schemas; the proxy itself runs for real in tests/integration/test_reverse_proxy.py."""
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,22 +61,30 @@ def test_overlay_validates_against_kubernetes_schemas_when_merged():
     kubernetes_validate.validate(service, "1.32", strict=True)
 
 
-def test_service_http_port_reaches_nginx_and_nginx_reaches_triton_when_merged():
+@pytest.mark.parametrize(
+    ("port_name", "listen_pattern"), [("http", r"(\d+)"), ("grpc", r"(\d+) http2")]
+)
+def test_service_port_reaches_nginx_and_nginx_reaches_triton_when_merged(port_name, listen_pattern):
     deployment, service = _merged()
     pod = deployment["spec"]["template"]["spec"]
     proxy = next(c for c in pod["containers"] if c["name"] == "proxy")
-    http = next(p for p in service["spec"]["ports"] if p["name"] == "http")
-    assert http["targetPort"] in {p["name"] for p in proxy["ports"]}
-    listen = re.search(r"^\s*listen (\d+);", (NGINX / "nginx.conf").read_text(), re.M)
+    triton = next(c for c in pod["containers"] if c["name"] == "triton")
+    port = next(p for p in service["spec"]["ports"] if p["name"] == port_name)
+    assert port["targetPort"] in {p["name"] for p in proxy["ports"]}
+    conf = (NGINX / "nginx.conf").read_text()
+    listen = re.search(rf"^\s*listen {listen_pattern};", conf, re.M)
     assert listen and int(listen[1]) == next(
-        p["containerPort"] for p in proxy["ports"] if p["name"] == http["targetPort"]
+        p["containerPort"] for p in proxy["ports"] if p["name"] == port["targetPort"]
     )
-    upstream = re.search(r"server (\w+):(\d+);", (NGINX / "nginx.conf").read_text())
+    # The upstream this server block passes to is Triton's port of the same name.
+    upstream_name = "triton_http" if port_name == "http" else "triton_grpc"
+    upstream = re.search(rf"upstream {upstream_name} {{\s*server (\w+):(\d+);", conf)
     assert upstream is not None
     assert upstream[1] in pod["hostAliases"][0]["hostnames"]
     assert pod["hostAliases"][0]["ip"] == "127.0.0.1"
-    triton = next(c for c in pod["containers"] if c["name"] == "triton")
-    assert int(upstream[2]) in {p["containerPort"] for p in triton["ports"]}
+    assert int(upstream[2]) == next(
+        p["containerPort"] for p in triton["ports"] if p["name"] == port_name
+    )
 
 
 def test_overlay_mounts_the_shipped_nginx_conf_read_only_when_merged():
@@ -93,12 +102,11 @@ def test_overlay_mounts_the_shipped_nginx_conf_read_only_when_merged():
     assert ":" in proxy["image"] and not proxy["image"].endswith(":latest")
 
 
-def test_compose_publishes_http_only_through_the_proxy_when_loaded():
+def test_compose_publishes_http_and_grpc_only_through_the_proxy_when_loaded():
     services = _load(ROOT / "docker-compose.yml")["services"]
-    published = [str(p) for p in services["triton"].get("ports", [])]
-    assert not any(p.endswith(":8000") for p in published)  # Triton's HTTP port stays inside
+    assert not services["triton"].get("ports")  # Triton's own ports stay inside
     proxy = services["proxy"]
-    assert proxy["ports"] == ["127.0.0.1:8000:8080"]
+    assert proxy["ports"] == ["127.0.0.1:8000:8080", "127.0.0.1:8001:8081"]
     assert "./deploy/nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in proxy["volumes"]
     assert proxy["image"] == next(
         c["image"]
