@@ -24,7 +24,9 @@ import pytest
 import yaml
 from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
 
+from gradtrust.ops import drain
 from gradtrust.ops.exporter import METRIC_NAMES as EXPORTER_METRIC_NAMES
+from gradtrust.ops.serve_command import DEFAULT_MAX_REQUEST_S
 from gradtrust.ops.supervisor import RESTARTS_METRIC
 from gradtrust.serving.telemetry import METRIC_NAMES as MODEL_METRIC_NAMES
 
@@ -465,6 +467,29 @@ def test_deployment_probes_triton_health_endpoints_when_running():
     assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+
+def _drain_bound_s(args: list[str]) -> int:
+    """The exit timeout `gradtrust serve` would use with these arguments on the bundled
+    model repository: --drain-timeout, else the bound computed from the queues."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("--drain-timeout=")]
+    if given:
+        return int(given[0])
+    seconds = [a.split("=", 1)[1] for a in args if a.startswith("--max-request-seconds=")]
+    max_request_s = float(seconds[0]) if seconds else DEFAULT_MAX_REQUEST_S
+    return drain.exit_timeout_s(drain.model_queues(ROOT / "model_repository"), max_request_s)
+
+
+def test_orchestrators_wait_for_the_whole_drain_when_they_stop_the_server():
+    # Killed before its drain ends, the server drops accepted work (docs/SECURITY.md).
+    pod = _by_kind("Deployment")["spec"]["template"]["spec"]
+    triton = next(c for c in pod["containers"] if c["name"] == "triton")
+    bound = _drain_bound_s(triton["args"])
+    assert bound >= 600  # the demo's queue is unbounded: 64 assumed requests of 10 s
+    assert pod["terminationGracePeriodSeconds"] >= bound + 10
+    compose = _load_yaml(COMPOSE)["services"]["triton"]
+    grace = re.fullmatch(r"(\d+)m", compose["stop_grace_period"])
+    assert grace and int(grace[1]) * 60 >= _drain_bound_s(compose.get("command", [])) + 10
 
 
 def test_service_podmonitor_and_hpa_point_at_the_deployment_when_applied():
