@@ -24,7 +24,11 @@ from zoo import MODELS, TEST_SETS, read_folder  # the sibling script (run from t
 
 from gradtrust.core.calibration import load_model_calibration
 from gradtrust.tools.evaluate import metrics as M
-from gradtrust.tools.evaluate.calibration import balanced_weights, fit_probability_map
+from gradtrust.tools.evaluate.calibration import (
+    balanced_weights,
+    fit_part_weighted_map,
+    fit_probability_map,
+)
 from gradtrust.tools.evaluate.folder import folder_data
 from gradtrust.tools.evaluate.roundtrip import calibration_set
 from gradtrust.tools.evaluate.scoring import InProcessScorer, PreprocessingScorer, Scorer
@@ -73,11 +77,7 @@ def _model(out: Path, name: str) -> None:
     print("| clean weight | " + " | ".join(TEST_SETS) + " |")
     print("|---:|" + "---|" * len(TEST_SETS))
     for weight in WEIGHTS:
-        w = balanced_weights(parts, weight)
-        keep = w > 0
-        prob_map = fit_probability_map(
-            values[keep], correct[keep], weights=w[keep] * keep.sum() / w[keep].sum()
-        )
+        prob_map = fit_part_weighted_map(values, correct, balanced_weights(parts, weight))
         cells = [
             f"{M.ece(prob_map(s), c):.3f} / {M.ece(inp['msp'], c):.3f}"
             for s, inp, c in tests.values()

@@ -136,6 +136,20 @@ def fit_probability_map(
     )
 
 
+def fit_part_weighted_map(
+    signal: ArrayLike, correct: ArrayLike, weights: ArrayLike
+) -> ProbabilityMap:
+    """:func:`fit_probability_map` on the samples whose weight is positive, their weights
+    scaled to sum to their number (a part weighted 0 is left out, not fitted as empty
+    blocks; block sizes count the samples that are in)."""
+    s = np.asarray(signal, dtype=np.float64)
+    c = np.asarray(correct).astype(bool)
+    w = np.asarray(weights, dtype=np.float64)
+    keep = w > 0
+    kept = w[keep] * (np.count_nonzero(keep) / w[keep].sum())
+    return fit_probability_map(s[keep], c[keep], weights=kept)
+
+
 def _pav_smoothed(
     centres: Floats, hits: Floats, counts: Floats
 ) -> tuple[list[float], list[float], list[float]]:
@@ -227,10 +241,9 @@ def choose_map_balance(
         weights = balanced_weights(p, clean_weight)
         prob = np.zeros(s.size)
         for k in range(CV_FOLDS):
-            train = (fold != k) & (weights > 0)
-            test = fold == k
-            w = weights[train] * (np.count_nonzero(train) / weights[train].sum())
-            prob[test] = fit_probability_map(s[train], y[train], weights=w)(s[test])
+            train, test = fold != k, fold == k
+            prob_map = fit_part_weighted_map(s[train], y[train], weights[train])
+            prob[test] = prob_map(s[test])
         excess[clean_weight] = {
             labels[q]: M.ece(prob[p == q], y[p == q]) - base[labels[q]]
             for q in (0, 1)
@@ -358,14 +371,11 @@ def fit_trust_calibration(
             selection.out_of_fold, inputs[CONFIDENCE], y, groups, parts, seed
         )
         map_weights = balanced_weights(parts, balance.clean_weight)
-    keep = map_weights > 0
-    map_weights = map_weights[keep] * (np.count_nonzero(keep) / map_weights[keep].sum())
     names = dict.fromkeys([*inputs, COMBINATION, selection.chosen])
     fitted = {}
     for name in names:
         sig = fit_candidate(name, inputs, y, groups, seed, weights)
-        values = sig(inputs)
-        fitted[name] = (sig, fit_probability_map(values[keep], y[keep], weights=map_weights))
+        fitted[name] = (sig, fit_part_weighted_map(sig(inputs), y, map_weights))
     signal, prob_map = fitted[selection.chosen]
     trust_prob = prob_map(signal(inputs))
     threshold = choose_threshold(trust_prob, y, target, weights)
