@@ -7,6 +7,13 @@ cross-entropy models of ``zoo.py`` (run ``zoo.py all`` first), reported in docs/
 2. *A population-aware mixture*: two maps (clean part, shifted part) mixed by a logistic
    estimate of P(shifted | the calibration inputs). Shows whether the inputs tell the two
    populations apart well enough for that to help.
+3. *Blending toward softmax confidence*: ``(1 - lam) * CONFIDENCE + lam * map``. Shows how
+   clean and shifted calibration trade against each other as the map's correction is
+   scaled down (lam = 0 is softmax confidence itself).
+4. *The clean digits themselves*: accuracy, mean softmax confidence and its ECE on the
+   clean calibration images (the fitting part and calibrate's held-out part) and on the
+   clean test digits. A map can only learn the relation between confidence and accuracy
+   that the calibration images show.
 
 Everything is computed in process from the entries' own ONNX files, with the calibration
 data ``gradtrust calibrate --mix corruptions`` uses (same split, same corruption seed).
@@ -35,6 +42,7 @@ from gradtrust.tools.evaluate.scoring import InProcessScorer, PreprocessingScore
 from gradtrust.tools.evaluate.signals import fit_candidate, fit_combination, part_weights
 
 WEIGHTS = (0.5, 0.7, 0.85, 0.9, 0.95, 1.0)
+BLENDS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 HELDOUT_FRACTION = 0.4  # calibrate's default: the same calibration part
 SEED = 0
 
@@ -83,6 +91,39 @@ def _model(out: Path, name: str) -> None:
             for s, inp, c in tests.values()
         ]
         print(f"| {weight:g} | " + " | ".join(cells) + " |")
+
+    chosen = float(calibration.selection.get("map_balance", {}).get("clean_weight", 0.5))
+    blend_map = fit_part_weighted_map(values, correct, balanced_weights(parts, chosen))
+    print(
+        f"\nblend (1 - lam) CONFIDENCE + lam map (clean weight {chosen:g}): ECE of the blend "
+        "minus ECE of softmax confidence, " + " / ".join(TEST_SETS)
+    )
+    print("| lam | " + " | ".join(TEST_SETS) + " |")
+    print("|---:|" + "---:|" * len(TEST_SETS))
+    for lam in BLENDS:
+        cells = [
+            f"{M.ece((1 - lam) * inp['msp'] + lam * blend_map(s), c) - M.ece(inp['msp'], c):+.3f}"
+            for s, inp, c in tests.values()
+        ]
+        print(f"| {lam:g} | " + " | ".join(cells) + " |")
+
+    held_images, held_labels, _ = calibration_set(data, "clean", SEED, split="test")
+    held = scorer.score(held_images, served_only=True)
+    clean_sets = {
+        "calibration, fitting part": (inputs["msp"][parts == 0], correct[parts == 0]),
+        "calibration, held-out part": (
+            held.calibration_inputs(calibration.contrast_k)["msp"],
+            held.correct(held_labels),
+        ),
+        "test_clean": (tests["test_clean"][1]["msp"], tests["test_clean"][2]),
+    }
+    print("\n| clean digits | images | errors | accuracy | mean CONFIDENCE | ECE CONFIDENCE |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, (msp, c) in clean_sets.items():
+        print(
+            f"| {label} | {c.size} | {np.count_nonzero(~c)} | {c.mean():.3f} | {msp.mean():.3f} "
+            f"| {M.ece(msp, c):.3f} |"
+        )
 
     shifted = fit_combination(inputs, parts == 1, groups, SEED, equal)
     clean_map = fit_probability_map(values[parts == 0], correct[parts == 0])
