@@ -487,6 +487,9 @@ def test_orchestrators_wait_for_the_whole_drain_when_they_stop_the_server():
     bound = _drain_bound_s(triton["args"])
     assert bound >= 600  # the demo's queue is unbounded: 64 assumed requests of 10 s
     assert pod["terminationGracePeriodSeconds"] >= bound + 10
+    runtime = _by_kind("ServingRuntime", "kserve")["spec"]["containers"][0]
+    predictor = _by_kind("InferenceService", "kserve")["spec"]["predictor"]
+    assert predictor["terminationGracePeriodSeconds"] >= _drain_bound_s(runtime["args"]) + 10
     compose = _load_yaml(COMPOSE)["services"]["triton"]
     grace = re.fullmatch(r"(\d+)m", compose["stop_grace_period"])
     assert grace and int(grace[1]) * 60 >= _drain_bound_s(compose.get("command", [])) + 10
