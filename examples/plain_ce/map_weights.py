@@ -32,6 +32,7 @@ from zoo import MODELS, TEST_SETS, read_folder  # the sibling script (run from t
 from gradtrust.core.calibration import load_model_calibration
 from gradtrust.tools.evaluate import metrics as M
 from gradtrust.tools.evaluate.calibration import (
+    MapBalance,
     balanced_weights,
     fit_part_weighted_map,
     fit_probability_map,
@@ -92,7 +93,8 @@ def _model(out: Path, name: str) -> None:
         ]
         print(f"| {weight:g} | " + " | ".join(cells) + " |")
 
-    chosen = float(calibration.selection.get("map_balance", {}).get("clean_weight", 0.5))
+    recorded = MapBalance.from_selection(calibration.selection)
+    chosen = 0.5 if recorded is None else recorded.clean_weight
     blend_map = fit_part_weighted_map(values, correct, balanced_weights(parts, chosen))
     print(
         f"\nblend (1 - lam) CONFIDENCE + lam map (clean weight {chosen:g}): ECE of the blend "

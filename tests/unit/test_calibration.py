@@ -45,6 +45,7 @@ from gradtrust.tools.evaluate.assessment import (
 from gradtrust.tools.evaluate.calibration import (
     CLEAN_WEIGHTS,
     MIN_ERRORS,
+    MapBalance,
     achieved,
     balanced_weights,
     choose_map_balance,
@@ -265,6 +266,10 @@ def test_fit_trust_calibration_records_the_map_balance_when_parts_are_given():
     balance = calibration.selection["map_balance"]
     assert balance["clean_weight"] > 0.5
     assert f"{balance['clean_weight']:g}" in balance["ece_minus_softmax_by_weight"]
+    # Readers of the file (report, CLI) see the balance the fit chose, judged the same way.
+    recorded = MapBalance.from_selection(calibration.selection)
+    assert recorded == choose_map_balance(msp, msp, correct, np.arange(msp.size), part)
+    assert MapBalance.from_selection({}) is None
     # The map then sits closer to the clean population: clean samples near 0.9 confidence
     # get a probability nearer 0.9 than the equal-weights midpoint of 0.9 and 0.55.
     assert calibration.map(np.array([0.9]))[0] > 0.75
@@ -713,6 +718,11 @@ def test_calibrate_fits_from_an_image_folder_when_given_one_with_corruptions_mix
     assert code == 0, out
     cal = load_model_calibration(repo / "gradtrust_mnist")
     assert cal is not None
+    balance = MapBalance.from_selection(cal.selection)
+    assert balance is not None and f"clean part weighs {100 * balance.clean_weight:g} %" in out
+    page = (tmp_path / "report" / MARKDOWN).read_text()
+    assert f"The map weighs the clean part {100 * balance.clean_weight:g} %" in page
+    assert page.count("|") > 4 * len(balance.excess)  # one table row per weight tried
     # 60 % of the 128 digits, each as it is and in 50 corrupted copies.
     assert cal.fitted_on["samples"] % 51 == 0 and 70 * 51 <= cal.fitted_on["samples"] <= 85 * 51
     assert "images" in cal.fitted_on["data"]

@@ -193,10 +193,29 @@ class MapBalance:
     excess: dict[float, dict[str, float]]
 
     @property
+    def chosen_excess(self) -> dict[str, float]:
+        """Out-of-fold ECE of TRUST_PROB minus softmax confidence's, per part, at the chosen
+        weight."""
+        return self.excess[self.clean_weight]
+
+    @property
     def no_worse(self) -> bool:
         """Whether, at the chosen weight, TRUST_PROB was out of fold no less calibrated than
         softmax confidence on every part."""
-        return max(self.excess[self.clean_weight].values()) <= 0.0
+        return max(self.chosen_excess.values()) <= 0.0
+
+    @classmethod
+    def from_selection(cls, selection: Mapping[str, Any]) -> MapBalance | None:
+        """The balance a calibration file records in its ``selection`` (None when it was
+        fitted without shifted data), so readers of the file judge it as the fit did."""
+        recorded = selection.get("map_balance")
+        if not recorded:
+            return None
+        by_weight = recorded["ece_minus_softmax_by_weight"]
+        return cls(
+            float(recorded["clean_weight"]),
+            {float(w): {p: float(v) for p, v in parts.items()} for w, parts in by_weight.items()},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -20,6 +20,7 @@ import numpy as np
 from gradtrust.core.calibration import TrustCalibration
 from gradtrust.tools.evaluate import metrics as M
 from gradtrust.tools.evaluate.assessment import RAW_CONFIDENCE, Assessment, Interval
+from gradtrust.tools.evaluate.calibration import MapBalance
 from gradtrust.tools.evaluate.signals import CONFIDENCE, Selection
 
 MARKDOWN = "calibration_report.md"
@@ -153,32 +154,31 @@ def markdown(
 def _balance_lines(calibration: TrustCalibration) -> list[str]:
     """How much the clean part weighed in the map, and the out-of-fold ECE excesses behind
     the choice (nothing for a calibration without shifted data)."""
-    balance = calibration.selection.get("map_balance")
-    if not balance:
+    balance = MapBalance.from_selection(calibration.selection)
+    if balance is None:
         return []
-    weight = balance["clean_weight"]
-    excess = balance["ece_minus_softmax_by_weight"]
-    chosen = excess[f"{weight:g}"]
-    kept = max(chosen.values()) <= 0.0
+    weight = balance.clean_weight
     lines = [
         f"- The map weighs the clean part {100 * weight:g} % and the shifted part "
-        f"{100 * (1 - weight):g} % ({balance['rule']}). Out of fold, TRUST_PROB's ECE minus "
-        "softmax confidence's at that weight: "
-        + ", ".join(f"{part} {value:+.4f}" for part, value in chosen.items())
+        f"{100 * (1 - weight):g} % ({calibration.selection['map_balance']['rule']}). Out of "
+        "fold, TRUST_PROB's ECE minus softmax confidence's at that weight: "
+        + ", ".join(f"{part} {value:+.4f}" for part, value in balance.chosen_excess.items())
         + (
             "."
-            if kept
+            if balance.no_worse
             else ". **No weight kept TRUST_PROB as calibrated as softmax confidence on both "
             "parts**: on this model one monotone map of the signal cannot serve clean and "
             "shifted traffic; calibrate on data that looks like your traffic."
         ),
         "",
-        "| clean weight | " + " | ".join(f"ECE minus softmax, {p}" for p in chosen) + " |",
-        "|---:|" + "---:|" * len(chosen),
+        "| clean weight | "
+        + " | ".join(f"ECE minus softmax, {p}" for p in balance.chosen_excess)
+        + " |",
+        "|---:|" + "---:|" * len(balance.chosen_excess),
     ]
     lines += [
-        f"| {w} | " + " | ".join(f"{v:+.4f}" for v in parts.values()) + " |"
-        for w, parts in excess.items()
+        f"| {w:g} | " + " | ".join(f"{v:+.4f}" for v in parts.values()) + " |"
+        for w, parts in balance.excess.items()
     ]
     return lines
 

@@ -197,7 +197,11 @@ def _score_all(scorer: Any, images: np.ndarray, desc: str, chunk: int = 2000) ->
 def _calibrate(args: argparse.Namespace) -> int:
     from gradtrust.tools.evaluate import calibration_report
     from gradtrust.tools.evaluate.assessment import assess, calibration_warnings, verdict
-    from gradtrust.tools.evaluate.calibration import check_heldout, fit_trust_calibration
+    from gradtrust.tools.evaluate.calibration import (
+        MapBalance,
+        check_heldout,
+        fit_trust_calibration,
+    )
     from gradtrust.tools.evaluate.repository import write_calibration
     from gradtrust.tools.evaluate.roundtrip import calibration_set
     from gradtrust.tools.evaluate.runner import stratified_subset
@@ -255,14 +259,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     except CalibrationRefused as err:
         print(f"gradtrust calibrate: refused: {err}", file=sys.stderr)
         return 2
-    balance = calibration.selection.get("map_balance")
-    if balance:
-        excess = balance["ece_minus_softmax_by_weight"][f"{balance['clean_weight']:g}"]
+    balance = MapBalance.from_selection(calibration.selection)
+    if balance is not None:
         print(
-            f"probability map: clean part weighs {100 * balance['clean_weight']:g} %; out-of-fold "
+            f"probability map: clean part weighs {100 * balance.clean_weight:g} %; out-of-fold "
             "ECE minus softmax confidence's: "
-            + ", ".join(f"{p} {v:+.4f}" for p, v in excess.items())
-            + ("" if max(excess.values()) <= 0 else " (no weight kept it no worse on both parts)")
+            + ", ".join(f"{p} {v:+.4f}" for p, v in balance.chosen_excess.items())
+            + ("" if balance.no_worse else " (no weight kept it no worse on both parts)")
         )
     ranked = sorted(
         ((n, v) for n, v in selection.auroc.items() if selection.eligible[n]), key=lambda kv: -kv[1]
