@@ -31,6 +31,7 @@ import pytest
 import yaml
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from gradtrust.core.calibration import load_model_calibration
 from gradtrust.ops.exporter import MetricsExporter
 from gradtrust.ops.processes import stubs_launched_by
 from gradtrust.ops.supervisor import Supervisor
@@ -177,6 +178,19 @@ def test_promtool_finds_nothing_wrong_with_gradtrust_metrics_when_two_models_and
     }
     assert prob_models == {DEMO_MODEL}  # only the calibrated model has TRUST_PROB
     assert ("gradtrust_production_mode", {}, 1.0) in samples
+    # The calibration's held-out ECE, as its file records it, for the calibrated model only.
+    recorded = load_model_calibration(MODEL_REPOSITORY / DEMO_MODEL)
+    assert recorded is not None and recorded.heldout_ece
+    exported = {
+        (lab["model"], lab["part"], lab["output"]): v
+        for n, lab, v in samples
+        if n == "gradtrust_calibration_heldout_ece"
+    }
+    assert exported == {
+        (DEMO_MODEL, part, output): pytest.approx(ece[key])
+        for part, ece in recorded.heldout_ece.items()
+        for output, key in (("TRUST_PROB", "trust_prob"), ("CONFIDENCE", "confidence"))
+    }
 
 
 def test_counts_are_exact_when_two_instances_share_concurrent_clients_of_mixed_batch_sizes(

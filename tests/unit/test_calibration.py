@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -448,6 +449,22 @@ def test_trust_calibration_refuses_a_file_when_its_inputs_are_computed_different
         load_model_calibration(tmp_path)
 
 
+def test_trust_calibration_keeps_the_held_out_ece_and_names_the_parts_softmax_won():
+    calibration = replace(
+        _small_calibration(),
+        heldout_ece={
+            "clean": {"trust_prob": 0.041, "confidence": 0.031},
+            "shifted": {"trust_prob": 0.02, "confidence": 0.09},
+        },
+    )
+    again = TrustCalibration.from_dict(json.loads(json.dumps(calibration.to_dict())))
+    assert again.heldout_ece == calibration.heldout_ece
+    assert again.less_calibrated_parts() == ("clean",)
+    # Files written before the field existed load with nothing to report.
+    older = {k: v for k, v in calibration.to_dict().items() if k != "heldout_ece"}
+    assert TrustCalibration.from_dict(older).less_calibrated_parts() == ()
+
+
 def test_signal_refuses_an_input_when_this_package_does_not_know_it():
     with pytest.raises(ConfigError, match="unknown input"):
         Signal("input", ("retired_score",))
@@ -718,6 +735,10 @@ def test_calibrate_fits_from_an_image_folder_when_given_one_with_corruptions_mix
     assert code == 0, out
     cal = load_model_calibration(repo / "gradtrust_mnist")
     assert cal is not None
+    # The held-out ECE of both probabilities, per part, as the report states them.
+    assert set(cal.heldout_ece) == {"clean", "shifted"}
+    for ece in cal.heldout_ece.values():
+        assert f"ECE TRUST_PROB {ece['trust_prob']:.4f} vs softmax {ece['confidence']:.4f}" in out
     balance = MapBalance.from_selection(cal.selection)
     assert balance is not None and f"clean part weighs {100 * balance.clean_weight:g} %" in out
     page = (tmp_path / "report" / MARKDOWN).read_text()

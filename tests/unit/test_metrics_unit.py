@@ -25,6 +25,7 @@ from gradtrust.errors import ConfigError, InvalidInputError
 from gradtrust.serving.telemetry import (
     CALIBRATED,
     CONFIDENCE_BUCKETS,
+    HELDOUT_ECE,
     HISTOGRAMS,
     LOW_TRUST_THRESHOLD,
     METRIC_NAMES,
@@ -174,6 +175,24 @@ def test_trust_metrics_export_no_trust_prob_and_say_so_when_uncalibrated(tmp_pat
     assert "gradtrust_trust_probability" not in families
     assert _value(tmp_path, CALIBRATED) == 0.0
     assert _value(tmp_path, LOW_TRUST_THRESHOLD, score="gradtrust") == 3.0
+
+
+def test_trust_metrics_export_the_held_out_ece_and_warn_where_softmax_was_better(tmp_path, caplog):
+    heldout = {
+        "clean": {"trust_prob": 0.041, "confidence": 0.031},
+        "shifted": {"trust_prob": 0.02, "confidence": 0.09},
+    }
+    TrustMetrics("m", "1", CALIBRATED_RULE, True, directory=tmp_path, heldout_ece=heldout)
+    for part, ece in heldout.items():
+        assert _value(tmp_path, HELDOUT_ECE, part=part, output="TRUST_PROB") == ece["trust_prob"]
+        assert _value(tmp_path, HELDOUT_ECE, part=part, output="CONFIDENCE") == ece["confidence"]
+    warned = [r.getMessage() for r in caplog.records if "less calibrated" in r.getMessage()]
+    assert len(warned) == 1 and "clean held-out" in warned[0] and "0.0410" in warned[0]
+
+
+def test_trust_metrics_export_no_held_out_ece_when_the_calibration_has_none(tmp_path):
+    TrustMetrics("m", "1", CALIBRATED_RULE, calibrated=True, directory=tmp_path)
+    assert HELDOUT_ECE not in _collect(tmp_path)
 
 
 def test_trust_metrics_refuse_a_trust_prob_rule_when_uncalibrated(tmp_path):

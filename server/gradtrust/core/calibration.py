@@ -31,7 +31,8 @@ JSON (``trust_calibration.json`` in a model-repository entry), version 2::
       "achieved_on_calibration": 0.049,
       "fitted_on": {"samples": 25500, "wrong": 3110, "data": "..."},
       "selection": {...},                       # how the signal was chosen (informational)
-      "probe": {"logits": [[...]], "features": [[...]] or null, "values": {input: [...]}}
+      "probe": {"logits": [[...]], "features": [[...]] or null, "values": {input: [...]}},
+      "heldout_ece": {"clean": {"trust_prob": 0.02, "confidence": 0.03}, ...}  # optional
     }
 
 The probe holds a few calibration samples and the inputs computed from them when the
@@ -398,6 +399,11 @@ class TrustCalibration:
     #: from them at fit time: :meth:`check_probe` recomputes them on load, so a file fitted
     #: with other score definitions is refused instead of serving a wrong TRUST_PROB.
     probe: Mapping[str, Any] = field(default_factory=dict)
+    #: ECE of TRUST_PROB and of softmax confidence on each held-out part calibrate judged
+    #: it on, ``{part: {"trust_prob": e, "confidence": e}}`` (empty in files written before
+    #: it was recorded). Kept so that the server can say, in its log and its metrics, where
+    #: CONFIDENCE was the better probability (:meth:`less_calibrated_parts`).
+    heldout_ece: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.low_trust_threshold <= 1.0:
@@ -412,6 +418,13 @@ class TrustCalibration:
     def needs_features(self) -> bool:
         """Whether applying it needs the model's penultimate features."""
         return self.signal.needs_features
+
+    def less_calibrated_parts(self) -> tuple[str, ...]:
+        """The held-out parts on which TRUST_PROB was less calibrated (higher ECE) than the
+        softmax confidence served beside it, when calibrate judged it."""
+        return tuple(
+            part for part, ece in self.heldout_ece.items() if ece["trust_prob"] > ece["confidence"]
+        )
 
     def signal_values(
         self,
@@ -470,7 +483,7 @@ class TrustCalibration:
             "fitted_on": dict(self.fitted_on),
             "selection": dict(self.selection),
             "probe": dict(self.probe),
-        }
+        } | ({"heldout_ece": _plain(self.heldout_ece)} if self.heldout_ece else {})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrustCalibration:
@@ -498,6 +511,13 @@ class TrustCalibration:
                 fitted_on=dict(data.get("fitted_on", {})),
                 selection=dict(data.get("selection", {})),
                 probe=dict(data.get("probe", {})),
+                heldout_ece={
+                    str(part): {
+                        "trust_prob": float(ece["trust_prob"]),
+                        "confidence": float(ece["confidence"]),
+                    }
+                    for part, ece in data.get("heldout_ece", {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"malformed trust calibration ({exc!r}): re-run calibrate") from exc
@@ -525,6 +545,10 @@ def load_model_calibration(entry: str | os.PathLike[str]) -> TrustCalibration | 
     None when the entry has none. A file that exists but is invalid raises ConfigError."""
     path = Path(entry) / FILENAME
     return TrustCalibration.from_json(path) if path.is_file() else None
+
+
+def _plain(ece: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    return {str(part): {k: float(v) for k, v in values.items()} for part, values in ece.items()}
 
 
 def _nan_to_none(value: Any) -> Any:

@@ -46,7 +46,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -57,6 +57,7 @@ import numpy.typing as npt
 
 from gradtrust.core.calibration import TrustCalibration
 from gradtrust.errors import ConfigError, InvalidInputError
+from gradtrust.serving import contract
 
 __all__ = [
     "CONFIDENCE_BUCKETS",
@@ -89,6 +90,10 @@ LOW_TRUST = "gradtrust_low_trust_predictions_total"
 INVALID = "gradtrust_invalid_requests_total"
 CALIBRATED = "gradtrust_model_calibrated"
 LOW_TRUST_THRESHOLD = "gradtrust_low_trust_threshold"
+#: ECE of TRUST_PROB and of CONFIDENCE on each held-out part at calibration time (labels
+#: ``part`` and ``output``): where TRUST_PROB's is higher, CONFIDENCE was the better
+#: probability on that kind of traffic, and dashboards should say so.
+HELDOUT_ECE = "gradtrust_calibration_heldout_ece"
 #: Introspective (second-stage) predictions served, and those whose class differs from the
 #: feed-forward prediction: their ratio is a shift signal (docs/MONITORING.md).
 INTROSPECTIVE = "gradtrust_introspective_predictions_total"
@@ -104,10 +109,12 @@ METRIC_NAMES: tuple[str, ...] = (
     INVALID,
     CALIBRATED,
     LOW_TRUST_THRESHOLD,
+    HELDOUT_ECE,
     INTROSPECTIVE,
     INTROSPECTIVE_DISAGREEMENTS,
 )
-#: The only labels (the threshold gauge adds ``score``, one of two values).
+#: The only labels (the threshold gauge adds ``score``, one of two values; the held-out
+#: ECE gauge adds ``part`` and ``output``, a few values each).
 LABELS: tuple[str, ...] = ("model", "version")
 
 # GRADTRUST = log contrast trust: about log 2 - 2 log(1 - p) for a top probability p, so
@@ -406,6 +413,7 @@ class TrustMetrics:
         rule: LowTrustRule,
         calibrated: bool,
         directory: str | os.PathLike[str] | None = None,
+        heldout_ece: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         self.rule = rule
         self.calibrated = bool(calibrated)
@@ -485,6 +493,7 @@ class TrustMetrics:
             "Below this value of the score named by 'score' a prediction counts as low trust",
             labels,
         ).series(LOW_TRUST_THRESHOLD, score=rule.score).set(rule.threshold)
+        self._export_heldout_ece(model, version, labels, heldout_ece or {})
         if self.directory is None:
             _log.warning(
                 "%s v%s: $%s is not set, so the gradtrust_* metrics stay inside this process; "
@@ -493,6 +502,42 @@ class TrustMetrics:
                 version,
                 MULTIPROC_ENV,
             )
+
+    def _export_heldout_ece(
+        self,
+        model: str,
+        version: str,
+        labels: dict[str, str],
+        heldout_ece: Mapping[str, Mapping[str, float]],
+    ) -> None:
+        """The calibration's held-out ECE per part, and a warning for every part where
+        TRUST_PROB was less calibrated than CONFIDENCE (calibrate said so; the people who
+        read the log and the dashboards must hear it too)."""
+        if not heldout_ece:
+            return
+        family = _Family(
+            self.directory,
+            "gauge_livemax",
+            HELDOUT_ECE,
+            "ECE of TRUST_PROB and of CONFIDENCE on each held-out part of the calibration "
+            "data (lower = better calibrated)",
+            labels,
+        )
+        for part, ece in heldout_ece.items():
+            family.series(HELDOUT_ECE, part=part, output=contract.TRUST_PROB).set(ece["trust_prob"])
+            family.series(HELDOUT_ECE, part=part, output=contract.CONFIDENCE).set(ece["confidence"])
+            if ece["trust_prob"] > ece["confidence"]:
+                _log.warning(
+                    "%s v%s: at calibration, TRUST_PROB was less calibrated than CONFIDENCE on "
+                    "%s held-out data (ECE %.4f against %.4f): on that kind of traffic read "
+                    "CONFIDENCE as the probability, or re-run `gradtrust calibrate` on data "
+                    "that looks like it",
+                    model,
+                    version,
+                    part,
+                    ece["trust_prob"],
+                    ece["confidence"],
+                )
 
     @property
     def exported(self) -> bool:

@@ -7,9 +7,11 @@ gradtrust.tools.evaluate.cli`` runs them on their own.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +311,18 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
     problems = verdict(calibration.signal.name, parts)
     warnings = [] if problems else calibration_warnings(calibration.signal.name, parts)
+    calibration = replace(
+        calibration,
+        heldout_ece={
+            a.part: {
+                "trust_prob": a.rows[calibration.signal.name]["ece"].value,
+                "confidence": a.rows[calibration_report.RAW_CONFIDENCE]["ece"].value,
+            }
+            for a in parts
+            if math.isfinite(a.rows[calibration.signal.name]["ece"].value)
+            and math.isfinite(a.rows[calibration_report.RAW_CONFIDENCE]["ece"].value)
+        },
+    )
     for a in parts:
         gain = a.auroc_gain[calibration.signal.name]
         row = a.rows[calibration.signal.name]
