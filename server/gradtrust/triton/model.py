@@ -173,6 +173,9 @@ class TritonPythonModel:
                 version=self.model_version,
                 rule=low_trust_rule(self.service.calibration, settings.low_trust_threshold),
                 calibrated=self.service.calibration is not None,
+                heldout_ece=None
+                if self.service.calibration is None
+                else self.service.calibration.heldout_ece,
             )
         except GradTrustError as err:
             raise pb_utils.TritonModelException(f"{self.model_name}: {err}") from err
