@@ -35,6 +35,19 @@ class ImageChecks:
             for axis, size in enumerate(self.input_shape, start=1)
             if isinstance(size, int)
         )
+        # A model with every IMAGE dim fixed accepts one shape per image: a request of that
+        # shape passes every check of check_layout but the dtype and the byte limit, which
+        # check_layout then tests first (the exact checks run on anything else).
+        exact = (
+            tuple(size for _, size in self._fixed_dims)
+            if len(self._fixed_dims) == len(self.input_shape)
+            else None
+        )
+        if exact is not None and len(exact) == 3:
+            height, width = spatial_size((1, *exact), layout)
+            if height * width > settings.max_image_pixels:
+                exact = None  # every request fails: let the exact checks say why
+        self._exact_shape = exact
         lo, hi = settings.pixel_min, settings.pixel_max
         # pixel_range [0, hi] with hi a float32 value (the usual "0,1"): float32 batches can
         # be cleared in one pass over their bits (see _cleared_in_one_pass).
@@ -97,6 +110,15 @@ class ImageChecks:
 
     def check_layout(self, images: np.ndarray) -> None:
         """Element type, size and shape: everything that needs no pixel read."""
+        shape = getattr(images, "shape", None)
+        if (
+            shape is not None
+            and shape[1:] == self._exact_shape
+            and isinstance(images, np.ndarray)
+            and images.dtype.kind in "fiu"
+            and 0 < images.nbytes <= self.settings.max_request_bytes
+        ):
+            return  # the usual request: the model's own shape, within the byte limit
         if not isinstance(images, np.ndarray) or images.dtype.kind not in "fiu":
             kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
             raise InvalidInputError(f"IMAGE has element type {kind}; send real-valued pixels")

@@ -54,6 +54,9 @@ Outputs = dict[str, np.ndarray]
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _EMPTY = np.empty(0)  # what a batch with no answered sample records (read-only, shared)
 _EMPTY.flags.writeable = False
+#: Batches of at most this many samples are scored one sample at a time
+#: (:meth:`TrustService._answer_plain`); bigger ones in one vectorised pass.
+_PER_SAMPLE_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,10 @@ class TrustService:
             else None
         )
         self._label_bytes = np.array([[label.encode()] for label in settings.labels], dtype=object)
+        # Read-only: one-image answers hand out (1, 1) views of these rather than copies.
+        self._label_bytes.flags.writeable = False
+        self._class_ids = np.arange(len(settings.labels), dtype=np.int64).reshape(-1, 1)
+        self._class_ids.flags.writeable = False
         self.checks = ImageChecks(settings, classifier.input_shape, layout)
 
     @property
@@ -218,6 +225,11 @@ class TrustService:
         result: BatchResult,
     ) -> None:
         """Forward pass and scores of the accepted requests (``chosen``, at ``accepted``)."""
+        net: dict[str, np.ndarray] | None = None
+        if self.calibration is None and all(map(_is_plain, chosen)):
+            net = self.classifier.run(images, [LOGITS])
+            if self._answer_plain(chosen, accepted, net[LOGITS], answers, result):
+                return
         introspect = [_wants_introspection(r) for r in chosen]
         needs_features = [_needs_features(r.options) or _wants_introspection(r) for r in chosen]
         wanted = [LOGITS]
@@ -228,7 +240,8 @@ class TrustService:
             wanted.append(FEATURES)
         if any(r.options.heatmap_method for r in chosen):
             wanted.append(ACTIVATION)
-        net = self.classifier.run(images, wanted)
+        if net is None:  # (else it ran above with [LOGITS], which is all ``wanted`` names then)
+            net = self.classifier.run(images, wanted)
         logits = net[LOGITS].astype(np.float64)
         features = net[FEATURES].astype(np.float64) if FEATURES in wanted else None
 
@@ -294,6 +307,84 @@ class TrustService:
         result.gradtrust, result.confidence = trust[kept], conf[kept]
         if prob is not None:
             result.trust_prob = prob[kept]
+
+    def _answer_plain(
+        self,
+        chosen: list[ScoringRequest],
+        accepted: list[int],
+        logits: np.ndarray,
+        answers: list[Outputs | InvalidInputError | None],
+        result: BatchResult,
+    ) -> bool:
+        """Answer a small batch of requests that want only the cheap outputs of an
+        uncalibrated model, one sample at a time on Python numbers; False (nothing done)
+        when the batch is not one (the general path then answers it).
+
+        The values are bit for bit those of the general path (``scores.compute_scores``,
+        ``_columns``), with a handful of numpy calls per sample instead of several dozen
+        per batch: right after a forward pass each numpy call costs several times its
+        usual time, and the dynamic batcher's usual batch is one or a few images.
+        """
+        n = len(logits)
+        if logits.dtype != np.float32 or logits.ndim != 2 or logits.shape[1] < 2:
+            return False
+        if not 0 < n <= _PER_SAMPLE_MAX:
+            return False
+        start = time.perf_counter()
+        samples = [scores.gradtrust_msp_of_sample(logits[i : i + 1]) for i in range(n)]
+        trust: list[float] = []
+        conf: list[float] = []
+        first = 0
+        for request, i in zip(chosen, accepted, strict=True):
+            rows = samples[first : first + len(request.images)]
+            first += len(request.images)
+            if any(row is None for row in rows):
+                bad = [j for j, row in enumerate(rows) if row is None]
+                answers[i] = InvalidInputError(
+                    f"the model produced non-finite logits or features for sample(s) {bad}; "
+                    "check the input preprocessing"
+                )
+                continue
+            done = cast(list[tuple[float, float, int]], rows)
+            answers[i] = self._plain_outputs(request, done)
+            trust.extend(row[0] for row in done)
+            conf.extend(row[1] for row in done)
+        if trust:
+            result.gradtrust, result.confidence = np.array(trust), np.array(conf)
+        result.trust_seconds = time.perf_counter() - start
+        return True
+
+    def _plain_outputs(
+        self, request: ScoringRequest, rows: list[tuple[float, float, int]]
+    ) -> Outputs:
+        """The cheap outputs a request names, from its samples' (gradtrust, msp, class):
+        the same arrays as ``_columns`` gives (GRADTRUST saturates at float32's maximum;
+        it is never negative), the label and class of one image as read-only views."""
+        wanted = DEFAULT_OUTPUTS if request.outputs is None else request.outputs
+        outputs: Outputs = {}
+        if len(rows) == 1:
+            trust, conf, pred = rows[0]
+            if LABEL in wanted:
+                outputs[LABEL] = self._label_bytes[pred : pred + 1]
+            if CLASS_ID in wanted:
+                outputs[CLASS_ID] = self._class_ids[pred : pred + 1]
+            if CONFIDENCE in wanted:
+                outputs[CONFIDENCE] = np.array([[conf]], dtype=np.float32)
+            if GRADTRUST in wanted:
+                outputs[GRADTRUST] = np.array([[min(trust, _FLOAT32_MAX)]], dtype=np.float32)
+            return outputs
+        preds = [row[2] for row in rows]
+        if LABEL in wanted:
+            outputs[LABEL] = self._label_bytes[preds]
+        if CLASS_ID in wanted:
+            outputs[CLASS_ID] = self._class_ids[preds]
+        if CONFIDENCE in wanted:
+            outputs[CONFIDENCE] = np.array([[row[1]] for row in rows], dtype=np.float32)
+        if GRADTRUST in wanted:
+            outputs[GRADTRUST] = np.array(
+                [[min(row[0], _FLOAT32_MAX)] for row in rows], dtype=np.float32
+            )
+        return outputs
 
     def _score_tables(
         self,
@@ -437,6 +528,12 @@ class TrustService:
 def _named(outputs: frozenset[str] | None, name: str) -> bool:
     """Whether a cheap output goes to requests that named ``outputs`` (None: the defaults)."""
     return name in (DEFAULT_OUTPUTS if outputs is None else outputs)
+
+
+def _is_plain(request: ScoringRequest) -> bool:
+    """A request for the cheap outputs only: no SCORES, no HEATMAP, no introspection."""
+    options = request.options
+    return not options.scores and not options.heatmap_method and not _wants_introspection(request)
 
 
 def _wants_introspection(request: ScoringRequest) -> bool:
