@@ -20,6 +20,9 @@ Steps (each reads what the previous one wrote under ``--out``, default ``build/p
     python examples/plain_ce/zoo.py measure    # serve all three (real tritonserver), score
                                                # the held-out folders through the client
     python examples/plain_ce/zoo.py all        # the four in order
+    python examples/plain_ce/zoo.py seeds      # 'all' again with seeds 1 and 2 (other
+                                               # training runs, splits and corruption draws),
+                                               # then the bar per seed
 
 The image folders (one sub-folder per class, PNG files, names as in ``labels.txt``):
 ``calibration/`` (clean), ``test_clean/``, ``test_corrupted/`` (the product's ten
@@ -120,7 +123,7 @@ def _quantise(images: np.ndarray) -> np.ndarray:
 
 def _mnist_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     x, y = load_mnist_5k()
-    idx = split_indices(y, seed=0)
+    idx = split_indices(y, seed=SEED)  # seed 0: the demo's split
     return {name: (_quantise(x[i]), y[i]) for name, i in idx.items()}
 
 
@@ -454,8 +457,7 @@ def _print_tables(report: dict[str, dict[str, dict[str, Any]]]) -> None:
         )
     # The issue's bar, per held-out set: the AUROC difference interval includes zero or lies
     # above it, and the ECE difference interval includes zero or lies below it.
-    ranks = sum(r["trust_prob_minus_confidence_ci"][1] >= 0 for r in served.values())
-    calibrated = sum(r["ece_difference_ci"][0] <= 0 for r in served.values())
+    ranks, calibrated, _ = bar_counts(report)
     print(
         f"\nTRUST_PROB ranks errors at least as well as CONFIDENCE on {ranks} of {len(served)} "
         f"sets and is no less calibrated on {calibrated} of {len(served)}"
@@ -470,14 +472,76 @@ def _print_tables(report: dict[str, dict[str, dict[str, Any]]]) -> None:
         print(f"| {key} | {cells} | [{lo:+.4f}, {hi:+.4f}] |")
 
 
+def bar_counts(report: dict[str, dict[str, dict[str, Any]]]) -> tuple[int, int, int]:
+    """The issue's bar over the served sets of one run: sets where the AUROC difference
+    interval includes zero or lies above it, sets where the ECE difference interval includes
+    zero or lies below it, and the number of sets."""
+    served = report["served"]
+    ranks = sum(r["trust_prob_minus_confidence_ci"][1] >= 0 for r in served.values())
+    calibrated = sum(r["ece_difference_ci"][0] <= 0 for r in served.values())
+    return ranks, calibrated, len(served)
+
+
+def summarise_seeds(outs: dict[int, Path]) -> None:
+    """One line per seed and held-out set that misses the bar, and the counts per seed."""
+    print("\n| seed | AUROC bar | ECE bar | sets that miss (which part) |")
+    print("|---:|---|---|---|")
+    for seed, out in outs.items():
+        report = json.loads((out / "results.json").read_text())
+        ranks, calibrated, total = bar_counts(report)
+        misses = []
+        for key, r in report["served"].items():
+            failed = [
+                part
+                for part, miss in (
+                    ("AUROC", r["trust_prob_minus_confidence_ci"][1] < 0),
+                    ("ECE", r["ece_difference_ci"][0] > 0),
+                )
+                if miss
+            ]
+            if failed:
+                misses.append(f"{key} ({', '.join(failed)})")
+        print(
+            f"| {seed} | {ranks} of {total} | {calibrated} of {total} | "
+            f"{', '.join(misses) or 'none'} |"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global SEED
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=("build", "prepare", "calibrate", "measure", "all"))
+    parser.add_argument(
+        "step", choices=("build", "prepare", "calibrate", "measure", "all", "seeds")
+    )
     parser.add_argument("--out", type=Path, default=Path("build/plain_ce"))
     parser.add_argument(
         "--calibrate-args", default="", help="extra arguments for `gradtrust calibrate`"
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help="training, data split and corruption seed (0: the reported run, MNIST models "
+        "on the demo's split)",
+    )
+    parser.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="for the 'seeds' step: run 'all' once per seed, each under OUT/seed_N (seed 0 "
+        "reuses OUT when it holds a finished run), and summarise the bar per seed",
+    )
     args = parser.parse_args(argv)
+    if args.step == "seeds":
+        outs: dict[int, Path] = {}
+        for seed in (int(s) for s in args.seeds.split(",")):
+            out_seed = args.out if seed == SEED else args.out / f"seed_{seed}"
+            if not (seed == SEED and (out_seed / "results.json").exists()):
+                cmd = [sys.executable, __file__, "all", "--out", out_seed, "--seed", seed]
+                _run([*cmd, "--calibrate-args", args.calibrate_args])
+            outs[seed] = out_seed
+        summarise_seeds(outs)
+        return 0
+    SEED = args.seed
     out: Path = args.out
     extra = shlex.split(args.calibrate_args)
     if args.step in ("build", "all"):
