@@ -48,3 +48,18 @@ def test_check_layout_refuses_every_request_when_the_fixed_image_exceeds_max_ima
     checks = ImageChecks(settings, (3, 8, 8), "NCHW")
     with pytest.raises(InvalidInputError, match="max_image_pixels"):
         checks.check_layout(np.zeros((1, 3, 8, 8), dtype=np.float32))
+
+
+def test_screen_decides_as_the_exact_checks_when_a_float32_batch_is_not_contiguous():
+    settings = ModelSettings(labels=("a", "b"), pixel_min=0.0, pixel_max=1.0)
+    checks = ImageChecks(settings, (1, 4, 4), "NCHW")
+    wide = np.random.default_rng(0).random((2, 1, 4, 8), dtype=np.float32)
+    clean = wide[:, :, :, ::2]  # a strided view: every other column
+    assert not clean.flags.c_contiguous
+    assert checks.screen([clean])[0] == [None]
+    for bad in (np.nan, np.inf, -0.5, 1.5):
+        images = wide.copy()
+        images[1, 0, 2, 4] = bad  # inside the view
+        images[0, 0, 2, 5] = bad  # outside it: must not count
+        (problem,), _ = checks.screen([images[:, :, :, ::2]])
+        assert problem is not None and "sample(s) [1]" in str(problem), bad

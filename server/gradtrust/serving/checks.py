@@ -18,6 +18,8 @@ from gradtrust.errors import InvalidInputError
 from gradtrust.serving.decoding import spatial_size
 from gradtrust.serving.settings import ModelSettings
 
+_FLOAT32 = np.dtype(np.float32)
+
 
 class ImageChecks:
     """What a model accepts as IMAGE, from its settings and its input shape."""
@@ -168,15 +170,10 @@ class ImageChecks:
         ``max(bits) <= bits(hi)`` means every pixel is finite and inside [0, hi]. -0.0
         passes the exact checks but not this one: such a batch takes the exact path.
         """
-        if (
-            self._bits_bound is None
-            or images.dtype != np.float32
-            or not images.dtype.isnative
-            or not images.flags.c_contiguous
-            or images.size == 0
-        ):
+        # (A non-native float32 differs from _FLOAT32; reshape copies a non-contiguous batch.)
+        if self._bits_bound is None or images.dtype != _FLOAT32 or images.size == 0:
             return False
-        return int(images.reshape(-1).view(np.uint32).max()) <= self._bits_bound
+        return int(np.maximum.reduce(images.reshape(-1).view(np.uint32))) <= self._bits_bound
 
     def _pixel_problem(
         self, low: np.ndarray, high: np.ndarray, dtype: np.dtype
@@ -195,7 +192,7 @@ class ImageChecks:
         shape (None for variable-size inputs). Each part must have passed
         :meth:`check_layout`."""
         images: np.ndarray | None = None
-        if all(p.shape[1:] == parts[0].shape[1:] for p in parts):
+        if len(parts) == 1 or all(p.shape[1:] == parts[0].shape[1:] for p in parts):
             images = join_images(parts)
             if self._cleared_in_one_pass(images):
                 return [None] * len(parts), images

@@ -332,13 +332,12 @@ class TrustService:
             return False
         start = time.perf_counter()
         samples = [scores.gradtrust_msp_of_sample(logits[i : i + 1]) for i in range(n)]
-        trust: list[float] = []
-        conf: list[float] = []
+        answered: list[tuple[float, float, int]] = []
         first = 0
         for request, i in zip(chosen, accepted, strict=True):
             rows = samples[first : first + len(request.images)]
-            first += len(request.images)
-            if any(row is None for row in rows):
+            first += len(rows)
+            if None in rows:
                 bad = [j for j, row in enumerate(rows) if row is None]
                 answers[i] = InvalidInputError(
                     f"the model produced non-finite logits or features for sample(s) {bad}; "
@@ -347,10 +346,10 @@ class TrustService:
                 continue
             done = cast(list[tuple[float, float, int]], rows)
             answers[i] = self._plain_outputs(request, done)
-            trust.extend(row[0] for row in done)
-            conf.extend(row[1] for row in done)
-        if trust:
-            result.gradtrust, result.confidence = np.array(trust), np.array(conf)
+            answered += done
+        if answered:  # the metrics count the answered samples only
+            both = np.array(answered)  # (samples, 3): gradtrust, msp, class
+            result.gradtrust, result.confidence = both[:, 0], both[:, 1]
         result.trust_seconds = time.perf_counter() - start
         return True
 

@@ -316,6 +316,7 @@ class TritonPythonModel:
             answers[i] = error
         for i, answer in zip(good, batch.answers, strict=True):
             answers[i] = answer
+        rejected = [a for a in answers if isinstance(a, InvalidInputError)]
         try:  # monitoring must never cost a prediction its answer
             self.metrics.observe_batch(
                 batch.gradtrust, batch.confidence, batch.trust_seconds, batch.trust_prob
@@ -326,12 +327,10 @@ class TritonPythonModel:
                 self.metrics.count_introspection(
                     batch.introspective, batch.introspective_disagreements
                 )
-            invalid = sum(isinstance(a, InvalidInputError) for a in answers)
-            if invalid:
-                self.metrics.count_invalid(invalid)
+            if rejected:
+                self.metrics.count_invalid(len(rejected))
         except Exception as err:
             self._log_bug("the batch's metrics", err)
-        rejected = [a for a in answers if isinstance(a, InvalidInputError)]
         if rejected:
             self._log_invalid(rejected)
         return [self._response(a) for a in answers]
@@ -347,16 +346,18 @@ class TritonPythonModel:
                 output_tensors=[],
                 error=pb_utils.TritonError(str(answer), pb_utils.TritonError.INTERNAL),
             )
+        dtypes = self.output_dtypes
         return pb_utils.InferenceResponse(
-            output_tensors=[self._tensor(name, value) for name, value in answer.items()]
+            output_tensors=[
+                pb_utils.Tensor(
+                    name,
+                    # In its config's dtype: the service's arrays already are, so no copy.
+                    # (pb_utils.Tensor makes a non-contiguous array contiguous itself.)
+                    value if value.dtype == dtypes[name] else value.astype(dtypes[name]),
+                )
+                for name, value in answer.items()
+            ]
         )
-
-    def _tensor(self, name: str, value: np.ndarray) -> Any:
-        """An output in its config's dtype; the service's arrays already are, so usually no copy."""
-        dtype = self.output_dtypes[name]
-        if value.dtype != dtype or not value.flags.c_contiguous:
-            value = np.ascontiguousarray(value, dtype=dtype)
-        return pb_utils.Tensor(name, value)
 
     def finalize(self) -> None:
         # Nothing to flush: every batch's metrics are already in this stub's metrics file,
