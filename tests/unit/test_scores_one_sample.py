@@ -68,3 +68,23 @@ def test_gradtrust_msp_of_sample_warns_about_nothing_when_logits_span_float32():
         got = scores.gradtrust_msp_of_sample(z)
     reference = scores.compute_scores(z.astype(np.float64), ("gradtrust", "msp"))
     assert got == (reference["gradtrust"][0], reference["msp"][0], 7)
+
+
+@pytest.mark.parametrize("c", [2, 10, 1000])
+def test_gradtrust_and_msp_equal_compute_scores_without_warnings_when_spans_fit(c):
+    rng = np.random.default_rng(c)
+    n = max(1, 16000 // c)  # one block: the case that skips np.errstate
+    z32 = np.clip(
+        rng.normal(size=(n, c)) * rng.choice([0.01, 1.0, 30.0, 1e30, 3e38], size=(n, 1)),
+        -3.4e38,
+        3.4e38,
+    ).astype(np.float32)
+    z32[0] = -3.4e38  # the widest span float32 allows
+    z32[0, 1] = 3.4e38
+    logits = z32.astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trust, conf = scores.gradtrust_and_msp(logits, spans_fit=True)
+    reference = scores.compute_scores(logits, ("gradtrust", "msp"))
+    np.testing.assert_array_equal(trust, reference["gradtrust"], strict=True)
+    np.testing.assert_array_equal(conf, reference["msp"], strict=True)

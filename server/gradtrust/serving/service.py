@@ -249,7 +249,9 @@ class TrustService:
         sizes = [len(r.images) for r in chosen]
         bounds = list(accumulate(sizes, initial=0))
         finite = np.isfinite(logits).all(axis=1)
-        trust, conf, pred = _base_scores(logits, finite)
+        # float32 (or narrower) logits: no difference of two overflows float64.
+        spans_fit = net[LOGITS].dtype.kind == "f" and net[LOGITS].dtype.itemsize <= 4
+        trust, conf, pred = _base_scores(logits, finite, spans_fit)
         prob = self._trust_prob(logits, features, finite, trust, conf)
         failed = _non_finite(needs_features, bounds, finite, features)
         tables = self._score_tables(chosen, sizes, failed, logits, features)
@@ -545,14 +547,14 @@ def _needs_features(options: RequestOptions) -> bool:
 
 
 def _base_scores(
-    logits: np.ndarray, finite: np.ndarray
+    logits: np.ndarray, finite: np.ndarray, spans_fit: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GradTrust, confidence (MSP) and predicted class of every sample with finite logits
     (NaN, NaN, 0 for the others), in one validated pass over the batch."""
     # ``logits`` are float64 and ``finite`` says where they are finite: the rows scored are
     # validated already, so the scores are computed without checking them again.
     if finite.all():
-        trust, conf = scores.gradtrust_and_msp(logits)
+        trust, conf = scores.gradtrust_and_msp(logits, spans_fit)
         # np.argmax is scores.predicted_class without validating the logits a second time.
         return trust, conf, np.argmax(logits, axis=1).astype(np.int64, copy=False)
     trust = np.full(len(logits), np.nan)
@@ -560,7 +562,7 @@ def _base_scores(
     pred = np.zeros(len(logits), dtype=np.int64)
     if finite.any():
         ok = logits[finite]
-        trust[finite], conf[finite] = scores.gradtrust_and_msp(ok)
+        trust[finite], conf[finite] = scores.gradtrust_and_msp(ok, spans_fit)
         pred[finite] = np.argmax(ok, axis=1)
     return trust, conf, pred
 
