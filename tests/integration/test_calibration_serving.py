@@ -5,11 +5,15 @@ errors of shifted digits at least as well as softmax confidence."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from gradtrust.core.calibration import load_model_calibration
+from gradtrust.core.calibration import FILENAME, load_model_calibration
+from gradtrust.ops.tritonserver import Ports, free_port, start_server
 from gradtrust.tools.evaluate import metrics as M
 from gradtrust.tools.evaluate.calibration import check_heldout
 from gradtrust.tools.evaluate.roundtrip import heldout_set
@@ -70,3 +74,31 @@ def test_server_explains_missing_calibration_when_uncalibrated_model_is_asked_fo
     with pytest.raises(InferenceServerException) as info:
         infer(bare_demo_server, protocol, digits[0][:2], outputs=("TRUST_PROB",))
     assert "run `gradtrust calibrate`" in str(info.value)
+
+
+def test_server_warns_in_its_log_when_trust_prob_was_less_calibrated_than_softmax_on_a_part(
+    tmp_path, digits
+):
+    # A calibration whose clean held-out part favoured softmax confidence (as calibrate
+    # records it for such a model): the server loads it, serves, and says so in its log.
+    repo = tmp_path / "repo"
+    entry = repo / DEMO_MODEL
+    shutil.copytree(MODEL_REPOSITORY / DEMO_MODEL, entry)
+    data = json.loads((entry / FILENAME).read_text())
+    data["heldout_ece"] = {
+        "clean": {"trust_prob": 0.0471, "confidence": 0.0142},
+        "shifted": {"trust_prob": 0.0441, "confidence": 0.0903},
+    }
+    (entry / FILENAME).write_text(json.dumps(data))
+    server = start_server(
+        repo, ports=Ports(free_port(), free_port(), free_port()), log_path=tmp_path / "triton.log"
+    )
+    try:
+        out = infer(server, "http", digits[0][:2], outputs=("TRUST_PROB",))
+        assert out["TRUST_PROB"].shape == (2, 1)
+        log = server.log_tail(200_000)
+        assert "less calibrated than CONFIDENCE on clean held-out data" in log
+        assert "(ECE 0.0471 against 0.0142)" in log
+        assert "on shifted held-out data" not in log
+    finally:
+        server.stop()
