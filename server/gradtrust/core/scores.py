@@ -569,28 +569,30 @@ def gradtrust_msp_of_sample(logits: NDArray[np.float32]) -> tuple[float, float, 
     m = k + 1
     # One partition gives the m largest values (NaN and +inf sort among them) and, at
     # position 0, the smallest (-inf): the finiteness check costs no extra pass.
-    part = np.partition(logits[0], (0, c - m)).tolist()
-    top = part[c - m :]
-    if not (math.isfinite(part[0]) and math.isfinite(sum(top))):
+    row = logits[0].copy()  # np.partition's own steps, without its Python-level wrapper
+    row.partition((0, c - m))
+    top = row[c - m :].tolist()
+    if not (math.isfinite(row[0]) and math.isfinite(sum(top))):
         return None
     top.sort(reverse=True)
     z_p, z_q = top[0], top[1]
     p = int(logits.argmax())
-    t = np.subtract(logits, z_q, dtype=np.float64)  # log t (exact: float32 -> float64)
+    t = logits.astype(np.float64)  # exact
+    t -= z_q  # log t
     t[0, p] = -_SPAN_CAP  # exp gives 0: P is left out of the sums, as in _Softmax.of
     np.exp(t, out=t)
     t_sum = float(np.add.reduce(t, axis=1)[0])
     t_sq = float(np.einsum("nc,nc->n", t, t)[0])
     gap = min(z_p - z_q, _SPAN_CAP)
     # r = exp(-gap) and s_Qk = exp(z_Qk - z_P), k = 1..K, in one call.
-    e = np.exp([-gap] + [v - z_p for v in top[1:]]).tolist()
+    e = np.exp(np.array([-gap] + [v - z_p for v in top[1:]])).tolist()
     r = e[0]
     s_q_sum = e[1]
     for s in e[2:]:  # left to right, as numpy adds so few values
         s_q_sum += s
     total = 1.0 + r * t_sum
     numer = total * (total - (2.0 / k) * s_q_sum) + (1.0 + r * r * t_sq)
-    logs = np.log([numer, t_sum * t_sum + t_sq]).tolist()
+    logs = np.log(np.array([numer, t_sum * t_sum + t_sq])).tolist()
     score = logs[0] - logs[1] + 2.0 * min(z_p - z_q, _LOG_GAP_CAP)
     return (score if score > 0.0 else 0.0), 1.0 / total, p
 
