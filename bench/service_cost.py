@@ -9,10 +9,13 @@ the forward pass replaced by its cached result, timed two ways in alternation:
   times their usual time (np.exp over 1000 values: about 15 us instead of 1.5 us here);
 - ``hot``: the same call again at once.
 
-Both are reported beside the forward pass's own time. For a before/after of a modified
-package: ``PYTHONPATH=OTHER/server python -m bench.service_cost``.
+Both are reported beside the forward pass's own time. ``--requests N`` puts N one-image
+requests in the batch (the dynamic batcher's batch under concurrency N), after a forward
+pass over their N images. For a before/after of a modified package:
+``PYTHONPATH=OTHER/server python -m bench.service_cost``.
 
     .venv/bin/python -m bench.service_cost [--seconds S] [--models resnet18,mobilenet]
+        [--requests N]
 """
 
 from __future__ import annotations
@@ -36,32 +39,32 @@ OPTIONS = RequestOptions(scores=None, contrast_k=3, heatmap_method=None, contras
 MAX_ROUNDS = 20_000
 
 
-def measure(key: str, image_size: int, seconds: float) -> dict[str, float]:
+def measure(key: str, image_size: int, seconds: float, requests: int = 1) -> dict[str, float]:
     """Median and minimum microseconds of the forward pass and of the service's call."""
     spec = {"resnet18": resnet18_like, "mobilenet": mobilenet_like}[key](image_size)
     classifier = OnnxClassifier(spec.onnx_path)
-    image = np.random.default_rng(0).random((1, *spec.input_shape), dtype=np.float32)
+    image = np.random.default_rng(0).random((requests, *spec.input_shape), dtype=np.float32)
     net = classifier.run(image, [LOGITS])
     settings = ModelSettings(
         labels=tuple(f"class_{i}" for i in range(spec.num_classes)), pixel_min=0.0, pixel_max=1.0
     )
     service = TrustService(_CachedClassifier(classifier, net), settings)  # type: ignore[arg-type]
-    requests = [ScoringRequest(image, OPTIONS, NAMED)]
-    service.run(requests)
+    batch = [ScoringRequest(image[i : i + 1], OPTIONS, NAMED) for i in range(requests)]
+    service.run(batch)
     forward, cold, hot = [], [], []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline and len(forward) < MAX_ROUNDS:
         t0 = time.perf_counter()
         classifier.run(image, [LOGITS])
         t1 = time.perf_counter()
-        service.run(requests)
+        service.run(batch)
         t2 = time.perf_counter()
-        service.run(requests)
+        service.run(batch)
         t3 = time.perf_counter()
         forward.append(t1 - t0)
         cold.append(t2 - t1)
         hot.append(t3 - t2)
-    out = {"model": key, "rounds": len(forward)}
+    out = {"model": key, "rounds": len(forward), "requests": requests}
     for name, values in (("forward", forward), ("after_forward", cold), ("hot", hot)):
         us = np.asarray(values) * 1e6
         out[f"{name}_median_us"] = float(np.median(us))
@@ -77,12 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="resnet18,mobilenet")
     parser.add_argument("--seconds", type=float, default=20.0, help="per model")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--requests", type=int, default=1, help="one-image requests per batch")
     args = parser.parse_args(argv)
-    print(f"gradtrust from {gradtrust.__file__}; load average {common.load_average()}")
+    print(
+        f"gradtrust from {gradtrust.__file__}; load average {common.load_average()}; "
+        f"{args.requests} one-image request(s) per batch"
+    )
     print("| model | rounds | forward median (min), us | service after forward | hot |")
     print("|---|---|---|---|---|")
     for key in common.parse_names(args.models):
-        r = measure(key, args.image_size, args.seconds)
+        r = measure(key, args.image_size, args.seconds, args.requests)
         print(
             f"| {key} | {r['rounds']} | {r['forward_median_us']:.0f} ({r['forward_min_us']:.0f}) "
             f"| {r['after_forward_median_us']:.0f} ({r['after_forward_min_us']:.0f}), "

@@ -51,6 +51,7 @@ from gradtrust.serving.introspector import Introspector
 from gradtrust.serving.settings import ModelSettings, RequestOptions
 
 Outputs = dict[str, np.ndarray]
+_FLOAT32 = np.dtype(np.float32)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _EMPTY = np.empty(0)  # what a batch with no answered sample records (read-only, shared)
 _EMPTY.flags.writeable = False
@@ -328,12 +329,16 @@ class TrustService:
         usual time, and the dynamic batcher's usual batch is one or a few images.
         """
         n = len(logits)
-        if logits.dtype != np.float32 or logits.ndim != 2 or logits.shape[1] < 2:
+        if logits.dtype != _FLOAT32 or logits.ndim != 2 or logits.shape[1] < 2:
             return False
         if not 0 < n <= _PER_SAMPLE_MAX:
             return False
         start = time.perf_counter()
-        samples = [scores.gradtrust_msp_of_sample(logits[i : i + 1]) for i in range(n)]
+        samples = (
+            [scores.gradtrust_msp_of_sample(logits)]
+            if n == 1
+            else [scores.gradtrust_msp_of_sample(logits[i : i + 1]) for i in range(n)]
+        )
         answered: list[tuple[float, float, int]] = []
         first = 0
         for request, i in zip(chosen, accepted, strict=True):
