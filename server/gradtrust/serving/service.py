@@ -355,8 +355,8 @@ class TrustService:
             answers[i] = self._plain_outputs(request, done)
             answered += done
         if answered:  # the metrics count the answered samples only
-            both = np.array(answered)  # (samples, 3): gradtrust, msp, class
-            result.gradtrust, result.confidence = both[:, 0], both[:, 1]
+            both = np.array([[row[0] for row in answered], [row[1] for row in answered]])
+            result.gradtrust, result.confidence = both  # two contiguous rows, one call
         result.trust_seconds = time.perf_counter() - start
         return True
 
