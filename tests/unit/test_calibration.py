@@ -51,6 +51,7 @@ from gradtrust.tools.evaluate.calibration import (
     balanced_weights,
     choose_map_balance,
     choose_threshold,
+    fit_part_weighted_map,
     fit_probability_map,
     fit_trust_calibration,
     tolerance,
@@ -244,6 +245,35 @@ def test_choose_map_balance_weighs_the_clean_part_more_when_equal_weights_unders
         assert all(max(balance.excess[w].values()) > 0 for w in nearer)
     else:
         assert max(chosen.values()) == min(max(e.values()) for e in balance.excess.values())
+
+
+def test_choose_map_balance_takes_the_stated_clean_share_when_the_user_gives_one():
+    msp, correct, part = _two_populations(4000, 8)
+    for share in (0.9, 0.1234):  # on the grid, and off it
+        balance = choose_map_balance(msp, msp, correct, np.arange(msp.size), part, stated=share)
+        assert balance.clean_weight == share and balance.stated
+        assert set(balance.chosen_excess) == {"clean", "shifted"}  # judged like the others
+        assert MapBalance.from_selection({"map_balance": balance.to_dict()}) == balance
+
+
+def test_fit_trust_calibration_fits_map_and_threshold_for_the_stated_clean_share():
+    msp, correct, part = _two_populations(3000, 9)
+    inputs = {"msp": msp, "margin": msp + 0.01}
+    args = (inputs, correct, np.arange(msp.size), ThresholdTarget("flag_rate", 0.05))
+    calibration, _, _ = fit_trust_calibration(*args, force="msp", parts=part, clean_share=0.9)
+    stated = balanced_weights(part, 0.9)
+    expected = fit_part_weighted_map(msp, correct, stated)
+    assert calibration.map == expected
+    trust_prob = calibration.map(msp)
+    assert calibration.achieved_on_calibration == achieved(
+        trust_prob, correct, calibration.low_trust_threshold, "flag_rate", stated
+    )
+    assert MapBalance.from_selection(calibration.selection) == MapBalance(
+        0.9, MapBalance.from_selection(calibration.selection).excess, stated=True
+    )
+    for bad in ({"clean_share": 1.5, "parts": part}, {"clean_share": 0.9}):
+        with pytest.raises(InvalidInputError, match="clean share"):
+            fit_trust_calibration(*args, force="msp", **bad)
 
 
 def test_balanced_weights_give_the_clean_part_its_share_when_parts_differ_in_size():
@@ -688,6 +718,38 @@ def test_calibrate_refuses_and_writes_nothing_when_the_signal_ranks_worse_than_s
     assert "ranks errors worse than softmax confidence" in captured.err
     assert not (repo / "gradtrust_mnist" / "trust_calibration.json").exists()
     assert "**Refused**" in (tmp_path / "report" / MARKDOWN).read_text()
+
+
+def test_calibrate_fits_for_the_stated_clean_share_when_given_one(tmp_path, digits, capsys):
+    repo = _repo_copy(tmp_path)
+    data = _hard_npz(tmp_path, digits)
+    code = _calibrate(repo, data, tmp_path / "r", "--mix", "corruptions", "--clean-share", "0.9")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    cal = load_model_calibration(repo / "gradtrust_mnist")
+    assert cal is not None
+    balance = MapBalance.from_selection(cal.selection)
+    assert balance is not None and balance.stated and balance.clean_weight == 0.9
+    assert "clean part weighs 90 %" in out and "the clean share you stated" in out
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (("--clean-share", "0.9"), "needs --mix corruptions"),
+        (("--mix", "corruptions", "--clean-share", "1.5"), "a share between 0 and 1"),
+    ],
+)
+def test_calibrate_refuses_a_clean_share_when_it_cannot_apply(
+    tmp_path, digits, capsys, extra, message
+):
+    repo = _repo_copy(tmp_path)
+    with pytest.raises((SystemExit, ConfigError)) as info:
+        code = _calibrate(repo, _hard_npz(tmp_path, digits), tmp_path / "r", *extra)
+        raise SystemExit(code)
+    captured = capsys.readouterr()
+    assert message in captured.err + str(info.value)
+    assert not (repo / "gradtrust_mnist" / "trust_calibration.json").exists()
 
 
 def test_calibrate_exits_2_and_says_why_when_the_data_has_too_few_errors(tmp_path, digits, capsys):

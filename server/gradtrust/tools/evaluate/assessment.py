@@ -148,7 +148,8 @@ def calibration_warnings(chosen: str, assessments: Sequence[Assessment]) -> list
                 f"is less calibrated than softmax confidence (ECE {ece:.4f} against "
                 f"{base:.4f}): one map of this signal does not fit clean and shifted traffic "
                 "alike on this model. Calibrate on data that looks like your traffic "
-                "(--mix clean for clean traffic, given enough errors), and read TRUST_PROB on "
+                "(--mix clean for clean traffic, given enough errors, or --clean-share with "
+                "the clean share of your traffic), and read TRUST_PROB on "
                 f"{a.part} traffic with that in mind"
             )
     return warnings

@@ -184,6 +184,14 @@ def balanced_weights(parts: ArrayLike, clean_weight: float) -> Floats:
     return np.asarray(share * p.size, dtype=np.float64)
 
 
+CHOSEN_RULE = (
+    "equal weights unless, out of fold, TRUST_PROB is then less calibrated (ECE) than "
+    "softmax confidence on one part; then the weight nearest to equal with which it is no "
+    "worse on both; else the one with the smallest worst excess"
+)
+STATED_RULE = "the clean share of traffic the user stated (--clean-share)"
+
+
 @dataclass(frozen=True)
 class MapBalance:
     """The clean part's weight in the probability map, and why: for each weight tried, the
@@ -191,6 +199,9 @@ class MapBalance:
 
     clean_weight: float
     excess: dict[float, dict[str, float]]
+    #: True when the user stated the clean share of their traffic (``--clean-share``)
+    #: instead of letting the rule choose.
+    stated: bool = False
 
     @property
     def chosen_excess(self) -> dict[str, float]:
@@ -215,14 +226,13 @@ class MapBalance:
         return cls(
             float(recorded["clean_weight"]),
             {float(w): {p: float(v) for p, v in parts.items()} for w, parts in by_weight.items()},
+            recorded.get("rule") == STATED_RULE,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "clean_weight": self.clean_weight,
-            "rule": "equal weights unless, out of fold, TRUST_PROB is then less calibrated "
-            "(ECE) than softmax confidence on one part; then the weight nearest to equal "
-            "with which it is no worse on both; else the one with the smallest worst excess",
+            "rule": STATED_RULE if self.stated else CHOSEN_RULE,
             "ece_minus_softmax_by_weight": {
                 f"{w:g}": dict(parts) for w, parts in self.excess.items()
             },
@@ -236,6 +246,7 @@ def choose_map_balance(
     groups: ArrayLike,
     parts: ArrayLike,
     seed: int = 0,
+    stated: float | None = None,
 ) -> MapBalance:
     """How much the clean part weighs when the probability map is fitted.
 
@@ -247,6 +258,9 @@ def choose_map_balance(
     :data:`CLEAN_WEIGHTS` is judged out of fold (maps fitted on the other folds' out-of-fold
     signal values, folds by source image); equal weights are kept when they keep that
     promise, else the nearest weight that does, else the one whose worst excess is smallest.
+
+    ``stated``: the clean share of the user's traffic, when they know it better than this
+    rule can guess; it is then the weight, judged out of fold like the others for the report.
     """
     s = np.asarray(signal_out_of_fold, dtype=np.float64)
     msp = np.asarray(confidence, dtype=np.float64)
@@ -256,7 +270,8 @@ def choose_map_balance(
     labels = {0: "clean", 1: "shifted"}
     base = {labels[q]: M.ece(msp[p == q], y[p == q]) for q in (0, 1) if (p == q).any()}
     excess: dict[float, dict[str, float]] = {}
-    for clean_weight in CLEAN_WEIGHTS:
+    tried = CLEAN_WEIGHTS if stated is None or stated in CLEAN_WEIGHTS else (*CLEAN_WEIGHTS, stated)
+    for clean_weight in tried:
         weights = balanced_weights(p, clean_weight)
         prob = np.zeros(s.size)
         for k in range(CV_FOLDS):
@@ -268,6 +283,8 @@ def choose_map_balance(
             for q in (0, 1)
             if labels[q] in base
         }
+    if stated is not None:
+        return MapBalance(stated, excess, stated=True)
     keeping = [w for w in CLEAN_WEIGHTS if max(excess[w].values()) <= 0.0]
     chosen = keeping[0] if keeping else min(CLEAN_WEIGHTS, key=lambda w: max(excess[w].values()))
     return MapBalance(chosen, excess)
@@ -359,6 +376,7 @@ def fit_trust_calibration(
     data: str = "",
     probe: tuple[ArrayLike, ArrayLike | None] | None = None,
     parts: ArrayLike | None = None,
+    clean_share: float | None = None,
 ) -> tuple[TrustCalibration, Selection, dict[str, tuple[Signal, ProbabilityMap]]]:
     """Choose the signal, refit it (and, for the report, every single input and the full
     combination) on all of the calibration data, fit each one's probability map, and the
@@ -367,6 +385,9 @@ def fit_trust_calibration(
     describes traffic that is half clean, half shifted, not one that is 98 % corrupted
     copies); in the probability map they weigh what :func:`choose_map_balance` decides, so
     that TRUST_PROB is no less calibrated than softmax confidence on either part.
+    ``clean_share`` (with ``parts``): the share of clean images in the user's traffic; the
+    map and the threshold are then fitted for that mix instead (the choice of the signal
+    still judges each part on its own).
 
     Returns the calibration, how it was chosen, and the reported candidates' (signal, map)
     for :func:`assess`. Raises :class:`CalibrationRefused` with fewer than :data:`MIN_ERRORS`
@@ -375,6 +396,11 @@ def fit_trust_calibration(
     """
     y = np.asarray(correct).astype(bool)
     wrong = int((~y).sum())
+    if clean_share is not None and (parts is None or not 0.0 <= clean_share <= 1.0):
+        raise InvalidInputError(
+            "a clean share is a number in [0, 1] and needs clean and shifted parts "
+            "(--mix corruptions)"
+        )
     if wrong < MIN_ERRORS:
         raise CalibrationRefused(
             f"only {wrong} wrong predictions among {y.size} calibration samples: TRUST_PROB "
@@ -384,10 +410,14 @@ def fit_trust_calibration(
     selection = select_signal(inputs, y, groups, seed, force, parts)
     weights = part_weights(parts, y.size)
     balance = None
-    map_weights = weights
+    # The map and the threshold describe the traffic: half clean, half shifted unless the
+    # user stated its clean share (the map's weight may still be chosen, below).
+    map_weights = threshold_weights = weights
+    if clean_share is not None and parts is not None:
+        map_weights = threshold_weights = balanced_weights(parts, clean_share)
     if parts is not None and CONFIDENCE in inputs:
         balance = choose_map_balance(
-            selection.out_of_fold, inputs[CONFIDENCE], y, groups, parts, seed
+            selection.out_of_fold, inputs[CONFIDENCE], y, groups, parts, seed, clean_share
         )
         map_weights = balanced_weights(parts, balance.clean_weight)
     names = dict.fromkeys([*inputs, COMBINATION, selection.chosen])
@@ -397,13 +427,13 @@ def fit_trust_calibration(
         fitted[name] = (sig, fit_part_weighted_map(sig(inputs), y, map_weights))
     signal, prob_map = fitted[selection.chosen]
     trust_prob = prob_map(signal(inputs))
-    threshold = choose_threshold(trust_prob, y, target, weights)
+    threshold = choose_threshold(trust_prob, y, target, threshold_weights)
     calibration = TrustCalibration(
         signal=signal,
         map=prob_map,
         low_trust_threshold=threshold,
         target=target,
-        achieved_on_calibration=achieved(trust_prob, y, threshold, target.kind, weights),
+        achieved_on_calibration=achieved(trust_prob, y, threshold, target.kind, threshold_weights),
         contrast_k=contrast_k,
         fitted_on={"samples": int(y.size), "wrong": wrong, "data": data},
         selection=selection.to_dict()

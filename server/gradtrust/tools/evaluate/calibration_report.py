@@ -165,10 +165,11 @@ def _balance_lines(calibration: TrustCalibration) -> list[str]:
         + ", ".join(f"{part} {value:+.4f}" for part, value in balance.chosen_excess.items())
         + (
             "."
-            if balance.no_worse
+            if balance.no_worse or balance.stated
             else ". **No weight kept TRUST_PROB as calibrated as softmax confidence on both "
             "parts**: on this model one monotone map of the signal cannot serve clean and "
-            "shifted traffic; calibrate on data that looks like your traffic."
+            "shifted traffic; calibrate on data that looks like your traffic, or state its "
+            "clean share with `--clean-share`."
         ),
         "",
         "| clean weight | "

@@ -225,6 +225,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     # that range, an .npz's network input only for some models.
     grey = all(x.ndim == 4 and x.shape[1] == 1 and (x.size == 0 or (x.min() >= 0 and x.max() <= 1))
                for x in stored)  # fmt: skip
+    if args.clean_share is not None and args.mix != "corruptions":
+        raise ConfigError(
+            "--clean-share weighs clean images against their corrupted copies: it needs "
+            "--mix corruptions"
+        )
     if args.mix == "corruptions" and not grey:
         raise ConfigError(
             "--mix corruptions needs grayscale images with pixels in [0, 1] (what the product's "
@@ -253,6 +258,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             force=args.signal,
             data=f"{data.name}; calibration part, mix={args.mix}, seed={args.seed}",
             parts=mix_parts if args.mix == "corruptions" else None,
+            clean_share=args.clean_share,
             probe=(
                 scored.logits[:PROBE_SAMPLES],
                 None if scored.features is None else scored.features[:PROBE_SAMPLES],
@@ -267,7 +273,11 @@ def _calibrate(args: argparse.Namespace) -> int:
             f"probability map: clean part weighs {100 * balance.clean_weight:g} %; out-of-fold "
             "ECE minus softmax confidence's: "
             + ", ".join(f"{p} {v:+.4f}" for p, v in balance.chosen_excess.items())
-            + ("" if balance.no_worse else " (no weight kept it no worse on both parts)")
+            + (
+                " (the clean share you stated)"
+                if balance.stated
+                else ("" if balance.no_worse else " (no weight kept it no worse on both parts)")
+            )
         )
     ranked = sorted(
         ((n, v) for n, v in selection.auroc.items() if selection.eligible[n]), key=lambda kv: -kv[1]
@@ -378,6 +388,17 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0 if (check.passed and not warnings) or not args.strict else 1
 
 
+def _share(text: str) -> float:
+    """A clean share in [0, 1], kept to four decimals (it names a row of the report)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share between 0 and 1, got {text!r}")
+    return round(value, 4)
+
+
 def register(subparsers: Any) -> None:
     """Add ``evaluate`` and ``calibrate`` to an argparse sub-parser collection."""
     ev = subparsers.add_parser(
@@ -426,6 +447,15 @@ def register(subparsers: Any) -> None:
         choices=("clean", "corruptions"),
         help="fit on the calibration images as they are, or also on every corruption x "
         "severity copy of them (the product's corruptions: calibration then covers shift)",
+    )
+    cal.add_argument(
+        "--clean-share",
+        type=_share,
+        help="with --mix corruptions: the share of clean images in your traffic (0 to 1), "
+        "when you know it; TRUST_PROB's map and the low-trust threshold are then fitted for "
+        "that mix (default: the map's weight is chosen so that TRUST_PROB is, out of fold, no "
+        "less calibrated than softmax on either part, and the threshold describes half-clean "
+        "traffic)",
     )
     cal.add_argument(
         "--signal",
