@@ -211,6 +211,10 @@ def _one_per_sample(name: str, values: npt.ArrayLike, size: int | None) -> npt.N
 
 
 def _finite(v: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    # Small batches (the usual one image) decide on Python floats: right after a forward
+    # pass the two numpy calls cost several times the whole check.
+    if v.size <= _SMALL_BATCH and all(map(math.isfinite, v.tolist())):
+        return v
     finite = np.isfinite(v)
     return v if finite.all() else v[finite]
 
