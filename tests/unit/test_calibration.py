@@ -731,6 +731,7 @@ def test_calibrate_fits_for_the_stated_clean_share_when_given_one(tmp_path, digi
     balance = MapBalance.from_selection(cal.selection)
     assert balance is not None and balance.stated and balance.clean_weight == 0.9
     assert "clean part weighs 90 %" in out and "the clean share you stated" in out
+    assert "--clean-share 0.9" in (tmp_path / "r" / MARKDOWN).read_text()  # to reproduce it
 
 
 @pytest.mark.parametrize(

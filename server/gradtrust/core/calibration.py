@@ -422,9 +422,7 @@ class TrustCalibration:
     def less_calibrated_parts(self) -> tuple[str, ...]:
         """The held-out parts on which TRUST_PROB was less calibrated (higher ECE) than the
         softmax confidence served beside it, when calibrate judged it."""
-        return tuple(
-            part for part, ece in self.heldout_ece.items() if ece["trust_prob"] > ece["confidence"]
-        )
+        return tuple(part for part, ece in self.heldout_ece.items() if softmax_was_better(ece))
 
     def signal_values(
         self,
@@ -545,6 +543,12 @@ def load_model_calibration(entry: str | os.PathLike[str]) -> TrustCalibration | 
     None when the entry has none. A file that exists but is invalid raises ConfigError."""
     path = Path(entry) / FILENAME
     return TrustCalibration.from_json(path) if path.is_file() else None
+
+
+def softmax_was_better(ece: Mapping[str, float]) -> bool:
+    """Whether, on one held-out part (``{"trust_prob": e, "confidence": e}``), TRUST_PROB's
+    ECE was higher than softmax confidence's."""
+    return ece["trust_prob"] > ece["confidence"]
 
 
 def _plain(ece: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:

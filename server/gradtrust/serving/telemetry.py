@@ -55,7 +55,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from gradtrust.core.calibration import TrustCalibration
+from gradtrust.core.calibration import TrustCalibration, softmax_was_better
 from gradtrust.errors import ConfigError, InvalidInputError
 from gradtrust.serving import contract
 
@@ -530,7 +530,7 @@ class TrustMetrics:
         for part, ece in heldout_ece.items():
             family.series(HELDOUT_ECE, part=part, output=contract.TRUST_PROB).set(ece["trust_prob"])
             family.series(HELDOUT_ECE, part=part, output=contract.CONFIDENCE).set(ece["confidence"])
-            if ece["trust_prob"] > ece["confidence"]:
+            if softmax_was_better(ece):
                 _log.warning(
                     "%s v%s: at calibration, TRUST_PROB was less calibrated than CONFIDENCE on "
                     "%s held-out data (ECE %.4f against %.4f): on that kind of traffic read "

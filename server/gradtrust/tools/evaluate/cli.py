@@ -361,6 +361,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         f"gradtrust calibrate --model-repository {args.model_repository} --model {args.model} "
         f"--data {args.data} --mix {args.mix} --target {args.target} --seed {args.seed}"
         + (f" --signal {args.signal}" if args.signal else "")
+        + (f" --clean-share {args.clean_share:g}" if args.clean_share is not None else "")
     )
     reports = calibration_report.write_report(
         out, args.model, calibration, selection, parts, problems, command, written, warnings
