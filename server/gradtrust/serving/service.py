@@ -338,11 +338,7 @@ class TrustService:
         if not 0 < n <= _PER_SAMPLE_MAX:
             return False
         start = time.perf_counter()
-        samples = (
-            [scores.gradtrust_msp_of_sample(logits)]
-            if n == 1
-            else [scores.gradtrust_msp_of_sample(logits[i : i + 1]) for i in range(n)]
-        )
+        samples = [scores.gradtrust_msp_of_sample(logits[i : i + 1]) for i in range(n)]
         answered: list[tuple[float, float, int]] = []
         first = 0
         for request, i in zip(chosen, accepted, strict=True):
@@ -372,22 +368,13 @@ class TrustService:
         it is never negative), the label and class of one image as read-only views."""
         wanted = DEFAULT_OUTPUTS if request.outputs is None else request.outputs
         outputs: Outputs = {}
-        if len(rows) == 1:
-            trust, conf, pred = rows[0]
-            if LABEL in wanted:
-                outputs[LABEL] = self._label_bytes[pred : pred + 1]
-            if CLASS_ID in wanted:
-                outputs[CLASS_ID] = self._class_ids[pred : pred + 1]
-            if CONFIDENCE in wanted:
-                outputs[CONFIDENCE] = np.array([[conf]], dtype=np.float32)
-            if GRADTRUST in wanted:
-                outputs[GRADTRUST] = np.array([[min(trust, _FLOAT32_MAX)]], dtype=np.float32)
-            return outputs
         preds = [row[2] for row in rows]
+        # One image (the usual request): a (1, 1) view of the tables; more: the rows named.
+        index = slice(preds[0], preds[0] + 1) if len(preds) == 1 else preds
         if LABEL in wanted:
-            outputs[LABEL] = self._label_bytes[preds]
+            outputs[LABEL] = self._label_bytes[index]
         if CLASS_ID in wanted:
-            outputs[CLASS_ID] = self._class_ids[preds]
+            outputs[CLASS_ID] = self._class_ids[index]
         if CONFIDENCE in wanted:
             outputs[CONFIDENCE] = np.array([[row[1]] for row in rows], dtype=np.float32)
         if GRADTRUST in wanted:
