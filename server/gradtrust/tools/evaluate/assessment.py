@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from gradtrust.core.calibration import ProbabilityMap, Signal
+from gradtrust.core.calibration import ProbabilityMap, Signal, softmax_was_better
 from gradtrust.tools.evaluate import metrics as M
 from gradtrust.tools.evaluate.signals import CONFIDENCE
 
@@ -132,24 +132,34 @@ def verdict(chosen: str, assessments: Sequence[Assessment]) -> list[str]:
     return problems
 
 
-def calibration_warnings(chosen: str, assessments: Sequence[Assessment]) -> list[str]:
-    """Where the served TRUST_PROB is less calibrated (ECE) than the softmax confidence it is
-    served beside, on a held-out part: not a refusal (the ranking holds), but a user must be
-    told, because on that kind of traffic CONFIDENCE is the better probability."""
-    warnings = []
+def heldout_ece(chosen: str, assessments: Sequence[Assessment]) -> dict[str, dict[str, float]]:
+    """The ECE of TRUST_PROB (the ``chosen`` signal's map) and of softmax confidence on
+    each held-out part where both are known: what the calibration file records
+    (``TrustCalibration.heldout_ece``) and what :func:`calibration_warnings` judges."""
+    out = {}
     for a in assessments:
         row, soft = a.rows.get(chosen), a.rows.get(RAW_CONFIDENCE)
         if row is None or soft is None:
             continue
         ece, base = row["ece"].value, soft["ece"].value
-        if math.isfinite(ece) and math.isfinite(base) and ece > base:
-            warnings.append(
-                f"on {a.part} held-out data ({a.samples} samples, {a.wrong} wrong) TRUST_PROB "
-                f"is less calibrated than softmax confidence (ECE {ece:.4f} against "
-                f"{base:.4f}): one map of this signal does not fit clean and shifted traffic "
-                "alike on this model. Calibrate on data that looks like your traffic "
-                "(--mix clean for clean traffic, given enough errors, or --clean-share with "
-                "the clean share of your traffic), and read TRUST_PROB on "
-                f"{a.part} traffic with that in mind"
-            )
-    return warnings
+        if math.isfinite(ece) and math.isfinite(base):
+            out[a.part] = {"trust_prob": ece, "confidence": base}
+    return out
+
+
+def calibration_warnings(chosen: str, assessments: Sequence[Assessment]) -> list[str]:
+    """Where the served TRUST_PROB is less calibrated (ECE) than the softmax confidence it is
+    served beside, on a held-out part: not a refusal (the ranking holds), but a user must be
+    told, because on that kind of traffic CONFIDENCE is the better probability."""
+    by_part = heldout_ece(chosen, assessments)
+    return [
+        f"on {a.part} held-out data ({a.samples} samples, {a.wrong} wrong) TRUST_PROB "
+        f"is less calibrated than softmax confidence (ECE {by_part[a.part]['trust_prob']:.4f} "
+        f"against {by_part[a.part]['confidence']:.4f}): one map of this signal does not fit "
+        "clean and shifted traffic alike on this model. Calibrate on data that looks like "
+        "your traffic (--mix clean for clean traffic, given enough errors, or --clean-share "
+        "with the clean share of your traffic), and read TRUST_PROB on "
+        f"{a.part} traffic with that in mind"
+        for a in assessments
+        if a.part in by_part and softmax_was_better(by_part[a.part])
+    ]

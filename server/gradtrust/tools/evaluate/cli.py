@@ -198,7 +198,12 @@ def _score_all(scorer: Any, images: np.ndarray, desc: str, chunk: int = 2000) ->
 
 def _calibrate(args: argparse.Namespace) -> int:
     from gradtrust.tools.evaluate import calibration_report
-    from gradtrust.tools.evaluate.assessment import assess, calibration_warnings, verdict
+    from gradtrust.tools.evaluate.assessment import (
+        assess,
+        calibration_warnings,
+        heldout_ece,
+        verdict,
+    )
     from gradtrust.tools.evaluate.calibration import (
         MapBalance,
         check_heldout,
@@ -321,18 +326,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
     problems = verdict(calibration.signal.name, parts)
     warnings = [] if problems else calibration_warnings(calibration.signal.name, parts)
-    calibration = replace(
-        calibration,
-        heldout_ece={
-            a.part: {
-                "trust_prob": a.rows[calibration.signal.name]["ece"].value,
-                "confidence": a.rows[calibration_report.RAW_CONFIDENCE]["ece"].value,
-            }
-            for a in parts
-            if math.isfinite(a.rows[calibration.signal.name]["ece"].value)
-            and math.isfinite(a.rows[calibration_report.RAW_CONFIDENCE]["ece"].value)
-        },
-    )
+    calibration = replace(calibration, heldout_ece=heldout_ece(calibration.signal.name, parts))
     for a in parts:
         gain = a.auroc_gain[calibration.signal.name]
         row = a.rows[calibration.signal.name]
