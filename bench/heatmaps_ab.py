@@ -5,8 +5,11 @@ Loads an older copy of the heatmap module (for example
 current :mod:`gradtrust.core.heatmaps` and times ``explain`` for each method on one image
 of a C = 1000 head with a 7 x 7 activation (K = 512 as in the resnet18 bench model, 1280 as
 in the mobilenet one), maps at 224 x 224. The old code is called as the old service called
-it (the model's float32 weight, converted and checked on every call); the new one with the
-:class:`~gradtrust.core.heatmaps.Head` prepared once. Both must give the same maps.
+it (the model's float32 weight, converted and checked on every call, unless the old module
+already has a ``Head`` prepared once per model); the new one with the
+:class:`~gradtrust.core.heatmaps.Head` prepared once. Both must give the same maps, to the
+column ``max |after - before|``. Run it with ``OPENBLAS_NUM_THREADS=1``, as the server runs
+its stubs (``gradtrust.ops.tritonserver``).
 
 ``python -m bench.heatmaps_ab --old /tmp/old_heatmaps.py``; see ``--help``.
 """
@@ -54,12 +57,14 @@ def run(old: Any, channels: tuple[int, ...], budget_s: float) -> list[dict[str, 
         activation = np.maximum(rng.normal(size=(1, k, 7, 7)), 0).astype(np.float32)
         logits = activation.mean(axis=(2, 3)) @ weight.T
         head = heatmaps.Head.from_weight(weight)
+        # An old module that already prepared its head once per model is timed that way.
+        old_head = old.Head.from_weight(weight) if hasattr(old, "Head") else weight
         for method in METHODS:
             new_maps, _ = heatmaps.explain(method, activation, head, logits, (224, 224))
-            old_maps, _ = old.explain(method, activation, weight, logits, (224, 224))
+            old_maps, _ = old.explain(method, activation, old_head, logits, (224, 224))
             diff = float(np.abs(new_maps - old_maps).max())
             reps = 2 if method == "voice" else 5
-            old_args = (method, activation, weight, logits, (224, 224))
+            old_args = (method, activation, old_head, logits, (224, 224))
             new_args = (method, activation, head, logits, (224, 224))
             t_old = _best(lambda a=old_args: old.explain(*a), reps, budget_s)
             t_new = _best(lambda a=new_args: heatmaps.explain(*a), 5, budget_s)

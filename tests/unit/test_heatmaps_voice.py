@@ -78,6 +78,47 @@ def test_voice_equals_literal_definition_when_imagenet_sized_head_at_input_resol
     )
 
 
+@pytest.mark.parametrize("method", ["contrast", "voice"])
+def test_float32_activation_equals_literal_definition_when_imagenet_sized_head(
+    method: str,
+) -> None:
+    # What the server passes: onnxruntime's float32 activation and the float32 weight of a
+    # C = 1000, K = 1280 head (MobileNetV2's). The products that read every class's row
+    # then run in float32; the reference is float64 throughout.
+    activation, weight, logits = _random_head(1000, 1280, (7, 7), seed=8, n=2)
+    activation = activation.astype(np.float32)
+    weight = weight.astype(np.float32) / np.float32(np.sqrt(1280))
+    logits = activation.astype(np.float64).mean(axis=(2, 3)) @ weight.T.astype(np.float64)
+    head = H.Head.from_weight(weight)
+    maps, stats = H.explain(method, activation, head, logits, (64, 64))
+    wide = activation.astype(np.float64), weight.astype(np.float64), logits
+    if method == "voice":
+        ref_maps, ref_stats = _literal_voice(*wide, (64, 64))
+        np.testing.assert_allclose(stats, ref_stats, atol=ATOL, rtol=0)
+    else:
+        ref_maps = H.explain(method, *wide, (64, 64))[0]  # the float64 path: 1e-10 of autograd
+    assert ref_maps.max() == 1.0
+    np.testing.assert_allclose(maps, ref_maps, atol=ATOL, rtol=0)
+    assert np.abs(maps - ref_maps).max() > 0  # the float32 path was taken, not float64
+
+
+def test_float32_maps_of_a_sample_agree_to_rounding_when_other_samples_join_the_batch() -> None:
+    activation, weight, logits = _random_head(1000, 256, (7, 7), seed=9, n=5)
+    head = H.Head.from_weight(weight.astype(np.float32))
+    a32 = activation.astype(np.float32)
+    batch, _ = H.explain("voice", a32, head, logits, (32, 32))
+    alone, _ = H.explain("voice", a32[2:3], head, logits[2:3], (32, 32))
+    np.testing.assert_allclose(alone[0], batch[2], atol=1e-6, rtol=0)
+
+
+def test_voice_refuses_naming_float32_overflow_when_products_exceed_its_range() -> None:
+    activation, weight, logits = _random_head(10, 8, (4, 4), seed=10)
+    huge = np.full_like(activation, 3e30, dtype=np.float32)
+    head = H.Head.from_weight(weight * 1e10)
+    with pytest.raises(InvalidInputError, match="overflows float32"):
+        H.explain("voice", huge, head, logits, None)
+
+
 @pytest.mark.parametrize(("n_in", "n_out"), [(7, 224), (7, 40), (5, 9), (6, 4), (1, 3), (3, 3)])
 def test_upsampled_map_extremes_lie_on_interpolation_run_ends_when_sizes_vary(
     n_in: int, n_out: int
@@ -153,15 +194,18 @@ def test_explain_at_activation_resolution_is_low_resolution_stage_of_full_map_wh
 # --------------------------------------------------------------------------- the prepared head
 
 
-def test_head_holds_a_read_only_float64_copy_when_prepared_from_float32() -> None:
+def test_head_holds_read_only_float64_and_float32_copies_when_prepared_from_float32() -> None:
     weight = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
     head = H.Head.from_weight(weight)
     assert head.weight.dtype == np.float64 and head.weight.flags.c_contiguous
+    assert head.weight32.dtype == np.float32
+    np.testing.assert_array_equal(head.weight32, weight)
     assert (head.num_classes, head.channels) == (5, 3)
-    with pytest.raises(ValueError, match="read-only"):
-        head.weight[0, 0] = 1.0
+    for copy in (head.weight, head.weight32):
+        with pytest.raises(ValueError, match="read-only"):
+            copy[0, 0] = 1.0
     weight[0, 0] = 99.0
-    assert head.weight[0, 0] != 99.0
+    assert head.weight[0, 0] != 99.0 and head.weight32[0, 0] != 99.0
 
 
 @pytest.mark.parametrize("method", H.METHODS)
@@ -179,6 +223,7 @@ def test_explain_with_prepared_head_equals_raw_weight_when_same_weight(method: s
         (np.ones((1, 4)), "at least 2 classes"),
         (np.ones(4), r"shape \(classes, channels\)"),
         (np.array([["a", "b"], ["c", "d"]]), "real numbers"),
+        (np.array([[1.0, 2.0], [1e39, 0.0]]), "beyond float32's range"),
     ],
 )
 def test_head_refuses_weight_naming_the_problem_when_weight_invalid(
