@@ -329,12 +329,14 @@ def _normalize(
     maps: Floats, low: Floats, span: Floats, flat: NDArray[np.bool_], in_place: bool = False
 ) -> Floats:
     """``(maps - low) / span``, and 0 for the ``flat`` maps; ``in_place`` overwrites ``maps``
-    (a temporary of the caller's) when no map is flat, the usual case."""
-    if not flat.any():  # the same values as below, without the np.where passes
-        out: Floats = np.subtract(maps, low, out=maps if in_place else None)
-        out /= span
-        return out
-    out = np.where(flat, 0.0, (maps - low) / np.where(flat, 1.0, span))
+    (a temporary of the caller's).
+
+    A flat map is divided by +inf, which gives exactly 0 for every finite value: two passes
+    over the maps whether or not some are flat (many of VOICE's contrast maps are all
+    zero after the ReLU). Where ``low`` is the map's minimum the zeros are +0.0.
+    """
+    out: Floats = np.subtract(maps, low, out=maps if in_place else None)
+    out /= np.where(flat, np.inf, span)
     return out
 
 
@@ -392,17 +394,9 @@ def finish_maps(raw: ArrayLike, size: tuple[int, int] | None) -> Floats:
 # ---------------------------------------------------------------------------------------
 # VOICE
 # ---------------------------------------------------------------------------------------
-def _others(raw: Floats, predicted: Ints) -> Floats:
-    """(N, C, h, w) -> (N, C - 1, h, w): every class's map except the predicted one."""
-    n, c = raw.shape[:2]
-    keep = np.ones((n, c), dtype=bool)
-    keep[np.arange(n), predicted] = False
-    out: Floats = raw[keep].reshape(n, c - 1, *raw.shape[2:])
-    return out
-
-
 def _normalized_low_res(relu: Floats, rows: _Axis, cols: _Axis) -> Floats:
-    """Each map (N, M, h, w) affinely rescaled so that its *upsampled* version spans [0, 1].
+    """Each map of one sample, (h, w, M) with the M maps last, affinely rescaled so that its
+    *upsampled* version spans [0, 1].
 
     Upsampling commutes with ``(m - lo) / span``, so the normalised upsampled map is the
     upsampling of this. ``lo`` and ``span`` are those of the upsampled map, found without
@@ -410,32 +404,33 @@ def _normalized_low_res(relu: Floats, rows: _Axis, cols: _Axis) -> Floats:
     pixels the value is linear in the interpolation weight, so every extreme lies on the
     first or last row and the first or last column of a run (``_Axis.extremes``).
     """
-    n, m, h, w = relu.shape
-    # Maps last, so that both products are a few large ones and the extremes reduce over
-    # the first axis (element-wise minima of long rows, the fastest reduction numpy has).
-    last = np.ascontiguousarray(relu.reshape(n * m, h, w).transpose(1, 2, 0))  # (h, w, nm)
-    at_cols = np.matmul(cols.at_extremes, last)  # (h, ec, nm)
-    values = (rows.at_extremes @ at_cols.reshape(h, -1)).reshape(-1, n * m)  # (er ec, nm)
-    low = values.min(axis=0).reshape(n, m, 1, 1)
-    span = values.max(axis=0).reshape(n, m, 1, 1) - low
-    return _normalize(relu, low, span, (span <= 0) | _constant(relu))
+    h, w, m = relu.shape
+    # Maps last: both products are a few large ones, and the extremes reduce over the
+    # first axis (element-wise minima of long rows, the fastest reduction numpy has).
+    at_cols = np.matmul(cols.at_extremes, relu)  # (h, ec, M)
+    values = (rows.at_extremes @ at_cols.reshape(h, -1)).reshape(-1, m)  # (er ec, M)
+    low = values.min(axis=0)
+    span = values.max(axis=0) - low
+    pixels = relu.reshape(h * w, m)
+    constant = (pixels == pixels[:1]).all(axis=0)  # flat at (h, w): flat when upsampled
+    return _normalize(relu, low, span, (span <= 0) | constant, in_place=True)
 
 
 def _shifted_products(d: Floats, dy: int, dx: int) -> Floats:
-    """``sum_m d[m, y, x] d[m, y + dy, x + dx]`` on the (h, w) grid (zero where off-grid);
-    ``d`` is (N, M, h, w). ``dx`` may be -1 (the anti-diagonal)."""
-    n, _, h, w = d.shape
-    out = np.zeros((n, h, w))
+    """``sum_m d[y, x, m] d[y + dy, x + dx, m]`` on the (h, w) grid (zero where off-grid);
+    ``d`` is (h, w, M). ``dx`` may be -1 (the anti-diagonal)."""
+    h, w, _ = d.shape
+    out = np.zeros((h, w))
     x0, x1 = (0, w - dx) if dx >= 0 else (-dx, w)
-    a = d[:, :, : h - dy, x0:x1]
-    b = d[:, :, dy:, x0 + dx : x1 + dx]
-    out[:, : h - dy, x0:x1] = np.einsum("nmyx,nmyx->nyx", a, b)
+    a = d[: h - dy, x0:x1]
+    b = d[dy:, x0 + dx : x1 + dx]
+    out[: h - dy, x0:x1] = np.einsum("yxm,yxm->yx", a, b)
     return out
 
 
 def _variance_of_upsampled(d: Floats, rows: _Axis, cols: _Axis) -> Floats:
-    """``sum_m upsample(d_m)^2`` at every output pixel, (N, H, W), from products of
-    neighbouring pixels of ``d`` (N, M, h, w) only.
+    """``sum_m upsample(d_m)^2`` at every output pixel, (H, W), from products of
+    neighbouring pixels of one sample's maps ``d`` (h, w, M) only.
 
     Output (i, j) is ``sum_ab w_a w_b d_m[a] d_m[b]`` over its four source neighbours, so it
     needs the products of each pixel with itself, its right, lower, lower-right and
@@ -449,11 +444,21 @@ def _variance_of_upsampled(d: Floats, rows: _Axis, cols: _Axis) -> Floats:
     k11 = _shifted_products(d, 1, 1)
     k1m = _shifted_products(d, 1, -1)  # (y, x + 1) with (y + 1, x), stored at (y, x + 1)
     # Per source row y and output column j: row y with itself, and row y with row y + 1.
-    same = np.concatenate([k00, k01], axis=2) @ cols.same_weights  # (N, h, W)
-    cross = np.concatenate([k10, k11, k1m], axis=2) @ cols.cross_weights  # (N, h, W)
+    same = np.concatenate([k00, k01], axis=1) @ cols.same_weights  # (h, W)
+    cross = np.concatenate([k10, k11, k1m], axis=1) @ cols.cross_weights  # (h, W)
     # Then along the rows: the same squares of interpolation weights, across rows.
-    out: Floats = rows.same_weights.T @ np.concatenate([same, cross], axis=1)
+    out: Floats = rows.same_weights.T @ np.concatenate([same, cross], axis=0)
     return out
+
+
+def _voice_map(raw: Floats, predicted: int, rows: _Axis, cols: _Axis) -> Floats:
+    """One sample's VOICE map (H, W) from its raw contrast sums (h, w, C), classes last."""
+    relu = np.maximum(np.delete(raw, predicted, axis=2), 0.0)  # (h, w, C - 1): Q != P
+    normalized = _normalized_low_res(relu, rows, cols)
+    normalized -= normalized.mean(axis=2, keepdims=True)
+    spread = np.maximum(_variance_of_upsampled(normalized, rows, cols), 0.0)
+    # The unbiased variance is this sum / (C - 2); min-max normalisation cancels the factor.
+    return minmax_normalize(spread)
 
 
 def voice_maps(
@@ -479,16 +484,20 @@ def voice_maps(
             f"raw_contrast must have shape (batch, classes, height, width), got {r.shape}"
         )
     n, c, h, w = r.shape
+    return _voice_maps_last(
+        r.transpose(0, 2, 3, 1), _as_classes(predicted, n, c, "predicted"), size
+    )
+
+
+def _voice_maps_last(raw: Floats, predicted: Ints, size: tuple[int, int] | None) -> Floats:
+    """:func:`voice_maps` from raw contrast sums laid out (N, h, w, C), classes last."""
+    n, h, w, c = raw.shape
     height, width = (h, w) if size is None else _as_size(size)
-    p = _as_classes(predicted, n, c, "predicted")
     if c < 3:
         return np.zeros((n, height, width))
     rows, cols = _axis(h, height), _axis(w, width)
-    normalized = _normalized_low_res(np.maximum(_others(r, p), 0.0), rows, cols)
-    centred = normalized - normalized.mean(axis=1, keepdims=True)
-    spread = np.maximum(_variance_of_upsampled(centred, rows, cols), 0.0)
-    # The unbiased variance is this sum / (c - 2); min-max normalisation cancels the factor.
-    return minmax_normalize(spread)
+    # One sample at a time: its (H, W) temporaries stay in cache (a batch's do not).
+    return np.stack([_voice_map(raw[i], int(predicted[i]), rows, cols) for i in range(n)])
 
 
 def voice_statistics(voice: ArrayLike, explanation: ArrayLike) -> Floats:
@@ -605,25 +614,23 @@ def voice(
     a, h, pred = _checked(activation, head, predicted, "predicted")
     n, k, height, width = a.shape
     p = _as_probs(probs, n, h.num_classes)
-    # One (C, K) x (K, N h w) product, so the head is read once for the whole batch; in
-    # the activation's precision (module docstring, "Precision").
-    columns = a.reshape(n, k, height * width).transpose(1, 0, 2).reshape(k, -1)
+    # One (N h w, K) x (K, C) product, so the head is read once for the whole batch, with
+    # the classes last as VOICE reduces over them; in the activation's precision (module
+    # docstring, "Precision").
+    pixels = a.reshape(n, k, height * width).transpose(0, 2, 1).reshape(-1, k)
     with np.errstate(over="ignore", invalid="ignore"):  # refused just below, naming it
-        product = h.operand(a.dtype) @ columns
+        product = pixels @ h.operand(a.dtype).T
     if not np.isfinite(product).all():
         raise InvalidInputError(
             f"activation times head weight overflows {a.dtype}; send the activation the "
             "model's forward pass produced"
         )
-    cams = product.astype(np.float64).reshape(h.num_classes, n, -1).transpose(1, 0, 2)
-    cams /= height * width  # (N, C, hw): S_c for every class
-    mixed = p[:, None, :] @ cams  # (N, 1, hw): sum_c p_c S_c
-    raw_contrast = (mixed - cams).reshape(n, h.num_classes, height, width)
+    cams = product.astype(np.float64).reshape(n, height * width, h.num_classes)
+    cams /= height * width  # (N, hw, C): S_c for every class
+    mixed = cams @ p[:, :, None]  # (N, hw, 1): sum_c p_c S_c
+    raw_contrast = np.subtract(mixed, cams, out=cams).reshape(n, height, width, -1)
     explanation = finish_maps(_gradcam_raw(a, h, pred), size)
-    # One sample at a time: its (H, W) temporaries stay in cache (a batch's do not).
-    maps = np.concatenate(
-        [voice_maps(raw_contrast[i : i + 1], pred[i : i + 1], size) for i in range(n)]
-    )
+    maps = _voice_maps_last(raw_contrast, pred, size)
     return maps, voice_statistics(maps, explanation)
 
 
