@@ -288,7 +288,7 @@ class TrustService:
                     t0 = time.perf_counter()
                     maps, stats = heatmaps.explain(
                         options.heatmap_method,
-                        net[ACTIVATION][rows].astype(np.float64),
+                        net[ACTIVATION][rows],  # in its own precision: heatmaps docstring
                         cast(heatmaps.Head, self.head),  # not None: _check_options
                         logits[rows],
                         size=None
