@@ -57,7 +57,9 @@ Ranges: every map is float64 in [0, 1], higher = more relevant to its question (
 ``voice``: more disagreement between the contrast explanations, i.e. less trust in the
 explanation there). VOICE statistics: SNR in [0, inf), IoU in [0, 1] (see
 :func:`voice_statistics`). These are explanations, not trust scores. Everything is per
-sample: a sample's map never depends on the rest of its batch.
+sample: a sample's map never depends on the rest of its batch (beyond float32 rounding in
+the products above, where BLAS may block a larger product differently: the tests allow
+1e-6 there and 1e-12 in float64).
 """
 
 from __future__ import annotations
