@@ -49,9 +49,9 @@ float32 activation an ONNX forward pass returns (what the server passes), float6
 otherwise. In float32 they read half the memory and run about twice as fast (VOICE at
 C = 1000, K = 1280: 1.5 ms instead of 3.4 ms per image on one core), and they are no less
 precise than the forward pass that computed ``A``; everything after them is float64. On
-the benchmark's ImageNet-sized heads the maps then move by at most about 4e-7 from the
-float64 products, and the tests hold both paths to the autograd reference within 1e-5
-(the float64 path within 1e-10).
+the benchmark's C = 1000 heads the maps then move by at most 1e-7 from the float64
+products (``bench/results/heatmaps_ab_f32.md``), and the tests hold both paths to the
+autograd reference within 1e-5 (the float64 path within 1e-10).
 
 Ranges: every map is float64 in [0, 1], higher = more relevant to its question (for
 ``voice``: more disagreement between the contrast explanations, i.e. less trust in the
