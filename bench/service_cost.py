@@ -28,7 +28,7 @@ import numpy as np
 import gradtrust
 from bench import _common as common
 from bench.inprocess import _CachedClassifier
-from bench.models import mobilenet_like, resnet18_like
+from bench.models import IMAGENET_SIZED
 from gradtrust.serving.classifier import OnnxClassifier
 from gradtrust.serving.contract import CLASS_ID, CONFIDENCE, GRADTRUST, LABEL, LOGITS
 from gradtrust.serving.service import ScoringRequest, TrustService
@@ -41,7 +41,7 @@ MAX_ROUNDS = 20_000
 
 def measure(key: str, image_size: int, seconds: float, requests: int = 1) -> dict[str, float]:
     """Median and minimum microseconds of the forward pass and of the service's call."""
-    spec = {"resnet18": resnet18_like, "mobilenet": mobilenet_like}[key](image_size)
+    spec = IMAGENET_SIZED[key](image_size)
     classifier = OnnxClassifier(spec.onnx_path)
     image = np.random.default_rng(0).random((requests, *spec.input_shape), dtype=np.float32)
     net = classifier.run(image, [LOGITS])
