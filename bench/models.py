@@ -249,6 +249,11 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
         self._fc = nn.Linear(1280, 1000)
 
+    @property
+    def head(self) -> nn.Linear:
+        """The linear head, under the name the other benchmark models give it."""
+        return self._fc
+
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:

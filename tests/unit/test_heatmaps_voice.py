@@ -113,7 +113,7 @@ def lite0_outputs() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
     with torch.no_grad():
         logits, _, activation = spec.torch_model.forward_all(lite0_input(pixels))
     assert (logits.argmax(1).numpy() == labels).mean() >= 0.75  # the real network: 17 of 20
-    weight = spec.torch_model._fc.weight.detach().numpy()
+    weight = spec.torch_model.head.weight.detach().numpy()
     return activation[:4].numpy(), weight, logits[:4].numpy(), labels[:4]
 
 
