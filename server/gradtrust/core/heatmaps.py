@@ -64,6 +64,7 @@ the products above, where BLAS may block a larger product differently: the tests
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -105,6 +106,7 @@ def _real(
 
 
 def _real_float64(values: ArrayLike, what: str, ndim: int, shape_hint: str) -> Floats:
+    """:func:`_real` as float64 whatever the input's precision."""
     out: Floats = _real(values, what, ndim, shape_hint).astype(np.float64, copy=False)
     return out
 
@@ -517,22 +519,19 @@ def voice_statistics(voice: ArrayLike, explanation: ArrayLike) -> Floats:
         raise InvalidInputError(
             f"voice and explanation maps must both be (N, H, W), got {v.shape} and {e.shape}"
         )
-    n, pixels = v.shape[0], v.shape[1] * v.shape[2]
-    flat_v = v.reshape(n, pixels)
-    mean = flat_v.sum(axis=1) / pixels
-    # Variance from the first two moments (one BLAS dot product per map instead of three
-    # passes): the values lie in [0, 1], so the subtraction loses nothing that matters.
-    second = np.einsum("ij,ij->i", flat_v, flat_v) / pixels
-    std = np.sqrt(np.maximum(second - mean * mean, 0.0))
-    snr = np.where(std > 0, mean / np.where(std > 0, std, 1.0), 0.0)
-    on_v = (flat_v >= VOICE_THRESHOLD).view(np.uint8)
-    on_e = (e.reshape(n, pixels) >= VOICE_THRESHOLD).view(np.uint8)
-    count_v = np.count_nonzero(on_v, axis=1)
-    count_e = np.count_nonzero(on_e, axis=1)
-    inter = np.count_nonzero(on_v & on_e, axis=1)
-    union = count_v + count_e - inter
-    iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-    return np.stack([snr, iou], axis=1)
+    out = np.zeros((v.shape[0], 2))
+    # One map at a time: whole-array reductions (a dot product, counts without an axis)
+    # are several times faster than numpy's per-row reductions over a few maps.
+    for i, (vi, ei) in enumerate(zip(v.reshape(len(v), -1), e.reshape(len(e), -1), strict=True)):
+        mean = float(vi.sum()) / vi.size
+        centred = vi - mean  # exactly 0 everywhere for a constant map: std exactly 0
+        std = math.sqrt(float(np.dot(centred, centred)) / vi.size)
+        on_v = vi >= VOICE_THRESHOLD
+        on_e = ei >= VOICE_THRESHOLD
+        inter = np.count_nonzero(on_v & on_e)
+        union = np.count_nonzero(on_v) + np.count_nonzero(on_e) - inter
+        out[i] = (mean / std if std > 0 else 0.0, inter / union if union > 0 else 0.0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
