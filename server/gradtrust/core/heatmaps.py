@@ -43,23 +43,26 @@ O(C h w + H W) per sample after the C raw maps (one (C, K) x (K, h w) product), 
 O(C H W). ``Head`` holds the head weight converted and checked once, when the model loads;
 :func:`explain` also accepts a raw weight array (then converted on every call).
 
-Precision: the two products that read every class's weight row, ``p W`` (contrast) and
-``W A`` (VOICE's C raw maps), run in the activation's own precision: float32 for the
-float32 activation an ONNX forward pass returns (what the server passes), float64
-otherwise. In float32 they read half the memory and run about twice as fast (VOICE at
-C = 1000, K = 1280: 1.5 ms instead of 3.4 ms per image on one core), and they are no less
-precise than the forward pass that computed ``A``; everything after them is float64. On
-the benchmark's C = 1000 heads the maps then move by at most 1e-7 from the float64
-products (``bench/results/heatmaps_ab_f32.md``), and the tests hold both paths to the
-autograd reference within 1e-5 (the float64 path within 1e-10).
+Precision: everything is float64 except the largest product, VOICE's C raw maps
+``S_c = W_c A / (h w)``, a (C, K) x (K, h w) product per image. It is split as
+``W_c f + W_c (A - f)`` with ``f`` the channel means: the per-class constant ``W f`` in
+float64, and the spatial part in the activation's own precision, float32 for the float32
+activation an ONNX forward pass returns (what the server passes), float64 otherwise. In
+float32 that product reads half the memory and runs twice as fast (1.5 instead of 3.4 ms
+per image at C = 1000, K = 1280 on one core). Splitting off the constant keeps float32's
+rounding relative to how much the maps vary across pixels, not to the activation's size:
+without it, an activation that varies little across pixels (a low-contrast image) moved
+VOICE maps by up to 6e-5; with it, by 1e-7 (the tests hold it to 1e-5, the contract).
+On the benchmark's C = 1000 heads VOICE moves by at most 1.3e-7 from the float64 path
+(``bench/results/heatmaps_ab_f32.md``), and the float64 path is within 1e-10 of autograd.
 
 Ranges: every map is float64 in [0, 1], higher = more relevant to its question (for
 ``voice``: more disagreement between the contrast explanations, i.e. less trust in the
 explanation there). VOICE statistics: SNR in [0, inf), IoU in [0, 1] (see
 :func:`voice_statistics`). These are explanations, not trust scores. Everything is per
 sample: a sample's map never depends on the rest of its batch (beyond float32 rounding in
-the products above, where BLAS may block a larger product differently: the tests allow
-1e-6 there and 1e-12 in float64).
+VOICE's product, where BLAS may block a larger product differently: the tests allow 1e-6
+there and 1e-12 in float64).
 """
 
 from __future__ import annotations
@@ -113,7 +116,8 @@ def _real_float64(values: ArrayLike, what: str, ndim: int, shape_hint: str) -> F
 
 def _as_activation(activation: ArrayLike) -> NDArray[np.floating]:
     """The activation, checked, in its own precision: float32 as the forward pass made it
-    (the products with every class's weight then run in float32), anything else float64."""
+    (VOICE's product with every class's weight then runs in float32), anything else
+    float64."""
     a = _real(activation, "activation", 4, "(batch, channels, height, width)", keep_float32=True)
     if a.shape[2] < 1 or a.shape[3] < 1:
         raise InvalidInputError(f"activation must have a non-empty spatial grid, got {a.shape}")
@@ -123,14 +127,13 @@ def _as_activation(activation: ArrayLike) -> NDArray[np.floating]:
 @dataclass(frozen=True, eq=False)
 class Head:
     """The linear head's weight ``W`` (C, K) as every map uses it: finite, read-only, in
-    float64 (one class's row at a time) and float32 (products with every class's row).
+    float64 and in float32 (VOICE's product with a float32 activation).
 
     Made once when a model loads (:meth:`from_weight`), so that a request pays neither the
     copy nor the checks of a C x K matrix (1000 x 1280 for an ImageNet classifier).
-    ``weight32`` is the operand of the two products that read all C rows (``p W`` for
-    contrast, ``W A`` for VOICE): in float32 they read half the memory and run twice as
-    fast, at the precision of the forward pass that produced ``A`` (see "Precision" in
-    this module's docstring).
+    ``weight32`` is the operand of VOICE's (C, K) x (K, h w) product with the spatial part
+    of a float32 activation: half the memory and twice the speed (see "Precision" in this
+    module's docstring).
     """
 
     weight: Floats
@@ -593,8 +596,7 @@ def contrast(
     a, h, q = _checked(activation, head, targets, "targets")
     n = a.shape[0]
     p = _as_probs(probs, n, h.num_classes)
-    mixed = (p.astype(a.dtype) @ h.operand(a.dtype)).astype(np.float64)  # sum_c p_c W_c
-    alpha = (mixed - h.weight[q]) / (a.shape[2] * a.shape[3])
+    alpha = (p @ h.weight - h.weight[q]) / (a.shape[2] * a.shape[3])
     return finish_maps(weighted_sum(a, alpha), size)
 
 
@@ -615,11 +617,15 @@ def voice(
     a, h, pred = _checked(activation, head, predicted, "predicted")
     n, k, height, width = a.shape
     p = _as_probs(probs, n, h.num_classes)
-    # One (N h w, K) x (K, C) product, so the head is read once for the whole batch, with
-    # the classes last as VOICE reduces over them; in the activation's precision (module
-    # docstring, "Precision").
-    pixels = a.reshape(n, k, height * width).transpose(0, 2, 1).reshape(-1, k)
+    # S_c = W_c A / (h w) = (W_c f + W_c (A - f)) / (h w), f the channel means: the
+    # per-class constant W f in float64, the spatial part in the activation's precision
+    # (module docstring, "Precision") as one (N h w, K) x (K, C) product, so the head is
+    # read once for the whole batch, with the classes last as VOICE reduces over them.
+    # The means are rounded to the activation's precision and the offset uses exactly those
+    # values, so whatever rounding the subtraction does is relative to the deviations.
+    means = a.mean(axis=(2, 3), dtype=np.float64).astype(a.dtype)  # (N, K)
     with np.errstate(over="ignore", invalid="ignore"):  # refused just below, naming it
+        pixels = (a - means[:, :, None, None]).transpose(0, 2, 3, 1).reshape(-1, k)
         product = pixels @ h.operand(a.dtype).T
     if not np.isfinite(product).all():
         raise InvalidInputError(
@@ -627,6 +633,7 @@ def voice(
             "model's forward pass produced"
         )
     cams = product.astype(np.float64).reshape(n, height * width, h.num_classes)
+    cams += (means.astype(np.float64) @ h.weight.T)[:, None, :]
     cams /= height * width  # (N, hw, C): S_c for every class
     mixed = cams @ p[:, :, None]  # (N, hw, 1): sum_c p_c S_c
     raw_contrast = np.subtract(mixed, cams, out=cams).reshape(n, height, width, -1)
