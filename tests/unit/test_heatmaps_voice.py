@@ -165,6 +165,20 @@ def test_float32_maps_of_a_sample_agree_to_rounding_when_other_samples_join_the_
     np.testing.assert_allclose(alone[0], batch[2], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("method", H.METHODS)
+@pytest.mark.parametrize("grid", [(7, 7), (1, 1), (3, 1)])
+def test_explain_leaves_a_float32_activation_untouched_when_it_is_used_without_a_copy(
+    method: str, grid: tuple[int, int]
+) -> None:
+    # A float32 activation is checked and used as it is (no float64 copy); the maps' own
+    # arithmetic must work on copies, whatever the grid (a 1 x 1 grid's transpose is a view).
+    activation, weight, logits = _random_head(12, 6, grid, seed=13)
+    a32 = activation.astype(np.float32)
+    before = a32.copy()
+    H.explain(method, a32, H.Head.from_weight(weight), logits, (5, 4))
+    np.testing.assert_array_equal(a32, before)
+
+
 def test_voice_refuses_naming_float32_overflow_when_products_exceed_its_range() -> None:
     activation, weight, logits = _random_head(10, 8, (4, 4), seed=10)
     huge = (activation * 3e30).astype(np.float32)

@@ -621,12 +621,14 @@ def voice(
     # per-class constant W f in float64, the spatial part in the activation's precision
     # (module docstring, "Precision") as one (N h w, K) x (K, C) product, so the head is
     # read once for the whole batch, with the classes last as VOICE reduces over them.
-    # The means are rounded to the activation's precision and the offset uses exactly those
-    # values, so whatever rounding the subtraction does is relative to the deviations.
-    means = a.mean(axis=(2, 3), dtype=np.float64).astype(a.dtype)  # (N, K)
+    # The means are in the activation's precision and the constant uses exactly those
+    # values (any centre would do: only the deviations' size matters for the rounding).
+    means = a.reshape(n, k, -1).mean(axis=2)  # (N, K)
+    # A copy in (N, h, w, K) order, never a view of the caller's activation: subtracted in.
+    pixels = np.array(a.transpose(0, 2, 3, 1), order="C").reshape(n, height * width, k)
     with np.errstate(over="ignore", invalid="ignore"):  # refused just below, naming it
-        pixels = (a - means[:, :, None, None]).transpose(0, 2, 3, 1).reshape(-1, k)
-        product = pixels @ h.operand(a.dtype).T
+        pixels -= means[:, None, :]
+        product = pixels.reshape(-1, k) @ h.operand(a.dtype).T
     if not np.isfinite(product).all():
         raise InvalidInputError(
             f"activation times head weight overflows {a.dtype}; send the activation the "
