@@ -314,11 +314,7 @@ def efficientnet_lite0(image_size: int = 224) -> ModelSpec:
     shape = (3, image_size, image_size)
     size = weights.stat().st_size
     key = f"efficientnet-lite0-{size}-{image_size}-{torch.__version__}-opset{OPSET}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    path = cache_dir() / f"efficientnet_lite0_{image_size}px_{digest}.onnx"
-    if not path.is_file():
-        export_onnx(model, shape, path)
-    return ModelSpec("efficientnet", path, model, shape, 1000)
+    return _cached("efficientnet", f"efficientnet_lite0_{image_size}px", key, model, shape, 1000)
 
 
 class _AllOutputs(nn.Module):
@@ -356,17 +352,26 @@ def export_onnx(model: nn.Module, shape: tuple[int, int, int], path: Path) -> No
     tmp.replace(path)
 
 
+def _cached(
+    name: str, stem: str, key: str, model: nn.Module, shape: tuple[int, int, int], classes: int
+) -> ModelSpec:
+    """The spec of ``model``, its ONNX file ``<stem>_<digest of key>.onnx`` in the cache,
+    exported on first use; ``key`` names everything that changes the file's bytes."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    path = cache_dir() / f"{stem}_{digest}.onnx"
+    if not path.is_file():
+        export_onnx(model, shape, path)
+    return ModelSpec(name, path, model, shape, classes)
+
+
 def resnet18_like(image_size: int = 224, num_classes: int = 1000, seed: int = 0) -> ModelSpec:
     """The larger benchmark model with seeded random weights; exports ONNX on first use."""
     torch.manual_seed(seed)
     model = ResNet18Like(num_classes).eval()
     shape = (3, image_size, image_size)
     key = f"resnet18like-{image_size}-{num_classes}-{seed}-{torch.__version__}-opset{OPSET}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    path = cache_dir() / f"resnet18like_{image_size}px_{num_classes}c_{digest}.onnx"
-    if not path.is_file():
-        export_onnx(model, shape, path)
-    return ModelSpec("resnet18", path, model, shape, num_classes)
+    stem = f"resnet18like_{image_size}px_{num_classes}c"
+    return _cached("resnet18", stem, key, model, shape, num_classes)
 
 
 def mobilenet_like(image_size: int = 224, num_classes: int = 1000, seed: int = 0) -> ModelSpec:
@@ -377,11 +382,8 @@ def mobilenet_like(image_size: int = 224, num_classes: int = 1000, seed: int = 0
     key = (
         f"mobilenetv2like-heinit-{image_size}-{num_classes}-{seed}-{torch.__version__}-opset{OPSET}"
     )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    path = cache_dir() / f"mobilenetv2like_{image_size}px_{num_classes}c_{digest}.onnx"
-    if not path.is_file():
-        export_onnx(model, shape, path)
-    return ModelSpec("mobilenet", path, model, shape, num_classes)
+    stem = f"mobilenetv2like_{image_size}px_{num_classes}c"
+    return _cached("mobilenet", stem, key, model, shape, num_classes)
 
 
 def demo_cnn() -> ModelSpec:
@@ -396,11 +398,7 @@ def demo_cnn() -> ModelSpec:
     model = load_demo_model(DEMO_WEIGHTS)
     shape = (1, 28, 28)
     key = f"{hashlib.sha256(DEMO_WEIGHTS.read_bytes()).hexdigest()}-{torch.__version__}-{OPSET}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    path = cache_dir() / f"demo_cnn_{digest}.onnx"
-    if not path.is_file():
-        export_onnx(model, shape, path)
-    return ModelSpec("demo", path, model, shape, 10)
+    return _cached("demo", "demo_cnn", key, model, shape, 10)
 
 
 #: The C = 1000 benchmark models by the name the benchmarks' ``--models`` use, each made
