@@ -62,6 +62,8 @@ _EMPTY.flags.writeable = False
 #: Batches of at most this many samples are scored one sample at a time
 #: (:meth:`TrustService._answer_plain`); bigger ones in one vectorised pass.
 _PER_SAMPLE_MAX = 8
+#: One request's HEATMAP (n, H, W) and, for VOICE, HEATMAP_STATS (n, 2), float32.
+_Explanation = tuple[np.ndarray, np.ndarray | None]
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,7 @@ class TrustService:
         kinds = {r.outputs for n, r in enumerate(chosen) if n not in failed}
         picks = self._columns(kinds, trust, conf, pred, prob)
         second = self._introspect(introspect, sizes, failed, logits, features, pred, result)
-        heatmap_seconds = 0.0
+        explained, heatmap_seconds = self._explain(chosen, sizes, failed, net, logits)
         answered = [False] * len(chosen)
         for n, request in enumerate(chosen):
             i = accepted[n]
@@ -285,22 +287,14 @@ class TrustService:
                     if request.wants(SCORES):
                         outputs[SCORES] = table[rows]
                 if options.heatmap_method:
-                    t0 = time.perf_counter()
-                    maps, stats = heatmaps.explain(
-                        options.heatmap_method,
-                        net[ACTIVATION][rows],  # in its own precision: heatmaps docstring
-                        cast(heatmaps.Head, self.head),  # not None: _check_options
-                        logits[rows],
-                        size=None
-                        if options.heatmap_size == HEATMAP_SIZE_ACTIVATION
-                        else spatial_size(request.images.shape, self.checks.layout),
-                        contrast_class=options.contrast_class,
-                    )
-                    heatmap_seconds += time.perf_counter() - t0
+                    explanation = explained[n]
+                    if isinstance(explanation, InvalidInputError):
+                        raise explanation
+                    maps, stats = explanation
                     if request.wants(HEATMAP):
-                        outputs[HEATMAP] = maps.astype(np.float32)
+                        outputs[HEATMAP] = maps
                     if stats is not None and request.wants(HEATMAP_STATS):
-                        outputs[HEATMAP_STATS] = stats.astype(np.float32)
+                        outputs[HEATMAP_STATS] = stats
                 answers[i] = outputs
                 answered[n] = True
             except InvalidInputError as err:
@@ -425,6 +419,102 @@ class TrustService:
                 tables[(names, k)] = table
         return tables
 
+    def _explain(
+        self,
+        chosen: list[ScoringRequest],
+        sizes: list[int],
+        failed: dict[int, InvalidInputError],
+        net: dict[str, np.ndarray],
+        logits: np.ndarray,
+    ) -> tuple[dict[int, _Explanation | InvalidInputError], float]:
+        """HEATMAP (and HEATMAP_STATS) of every request that asked for one, by position,
+        float32 as they are sent, and the seconds spent on them.
+
+        Requests with the same method and map size are explained in one
+        :func:`heatmaps.explain` call: contrast's ``p W`` and VOICE's product with every
+        class's weight then read the head once for the group instead of once per request
+        (the dynamic batcher's one-image requests would otherwise share nothing). Maps are
+        per sample, so a request gets the same maps as alone (VOICE's float32 product up
+        to rounding, see the heatmaps module's docstring). A group that fails (say, one
+        image's activation is not finite) is explained again one request at a time, so
+        only the request at fault gets the error.
+        """
+        groups: dict[tuple[str, tuple[int, int] | None], list[int]] = {}
+        for n, request in enumerate(chosen):
+            method = request.options.heatmap_method
+            if method and n not in failed:
+                size = (
+                    None
+                    if request.options.heatmap_size == HEATMAP_SIZE_ACTIVATION
+                    else spatial_size(request.images.shape, self.checks.layout)
+                )
+                groups.setdefault((method, size), []).append(n)
+        if not groups:
+            return {}, 0.0
+        start = time.perf_counter()
+        bounds = list(accumulate(sizes, initial=0))
+        explained: dict[int, _Explanation | InvalidInputError] = {}
+        for (method, size), members in groups.items():
+            if len(members) > 1:
+                try:
+                    done = self._explain_rows(method, size, members, chosen, bounds, net, logits)
+                except InvalidInputError:
+                    pass  # one request at a time below: each gets its own answer or error
+                else:
+                    explained.update(done)
+                    continue
+            for n in members:
+                try:
+                    explained.update(
+                        self._explain_rows(method, size, [n], chosen, bounds, net, logits)
+                    )
+                except InvalidInputError as err:
+                    explained[n] = err
+        return explained, time.perf_counter() - start
+
+    def _explain_rows(
+        self,
+        method: str,
+        size: tuple[int, int] | None,
+        members: list[int],
+        chosen: list[ScoringRequest],
+        bounds: list[int],
+        net: dict[str, np.ndarray],
+        logits: np.ndarray,
+    ) -> dict[int, _Explanation]:
+        """One :func:`heatmaps.explain` call over the samples of ``members`` (positions in
+        ``chosen``), split back into each request's (maps, stats), float32."""
+        spans = [(bounds[n], bounds[n + 1]) for n in members]
+        if all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False)):
+            rows: slice | np.ndarray = slice(spans[0][0], spans[-1][1])  # no copy
+        else:
+            rows = np.concatenate([np.arange(lo, hi) for lo, hi in spans])
+        contrast_class: np.ndarray | int | None = None
+        named = [chosen[n].options.contrast_class for n in members]
+        if method == "contrast" and any(q is not None for q in named):
+            if len(members) == 1:
+                contrast_class = named[0]
+            else:  # the default Q where a request named none, its class where it did
+                contrast_class = heatmaps.contrast_targets(logits[rows])
+                for (lo, hi), q, first in zip(spans, named, _starts(spans), strict=True):
+                    if q is not None:
+                        contrast_class[first : first + hi - lo] = q
+        maps, stats = heatmaps.explain(
+            method,
+            net[ACTIVATION][rows],  # in its own precision: heatmaps docstring
+            cast(heatmaps.Head, self.head),  # not None: _check_options
+            logits[rows],
+            size=size,
+            contrast_class=contrast_class,
+        )
+        maps32 = maps.astype(np.float32)
+        stats32 = None if stats is None else stats.astype(np.float32)
+        out: dict[int, _Explanation] = {}
+        for n, (lo, hi), first in zip(members, spans, _starts(spans), strict=True):
+            part = slice(first, first + hi - lo)
+            out[n] = (maps32[part], None if stats32 is None else stats32[part])
+        return out
+
     def _introspect(
         self,
         introspect: list[bool],
@@ -520,6 +610,11 @@ class TrustService:
             kind: [(name, col) for name, col in columns.items() if _named(kind, name)]
             for kind in kinds
         }
+
+
+def _starts(spans: list[tuple[int, int]]) -> list[int]:
+    """Where each (lo, hi) span of batch rows starts once the spans are put end to end."""
+    return list(accumulate((hi - lo for lo, hi in spans[:-1]), initial=0))
 
 
 def _named(outputs: frozenset[str] | None, name: str) -> bool:
