@@ -7,8 +7,10 @@ are computed for the whole batch at once (each per sample), and a bad request ge
 own error without costing the others their answers.
 
 The dynamic batcher sends many one-image requests, so what is done per request is kept
-to slicing: pixel checks, casts and output columns are computed once per batch, and only
-the outputs a request names (and the network outputs some request needs) are computed.
+to slicing: pixel checks, casts and output columns are computed once per batch, heatmaps
+once per method and map size (:meth:`TrustService._explain`: the head is then read once,
+not once per request), and only the outputs a request names (and the network outputs some
+request needs) are computed.
 A small batch whose requests want only the cheap outputs is the exception: it is scored
 one sample at a time on Python numbers (:meth:`TrustService._answer_plain`, the same
 values bit for bit), because right after a forward pass every numpy call costs several
