@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -358,6 +359,12 @@ def markdown(result: dict[str, Any]) -> str:
             else "uncompressed (`Accept-Encoding: identity`, the default since issue 16)\n"
         )
     )
+    pinned = result.get("pinned")
+    if pinned:
+        parts.append(
+            f"CPUs: tritonserver and its stubs on {pinned['server']}, the load generator on "
+            f"{pinned['client']} (`--pin-server`)\n"
+        )
     parts.append(common.markdown_table(rows, SWEEP_COLUMNS) + "\n")
     parts.append("### Serving: request latency with and without HEATMAP (gradcam)\n")
     parts.append(common.markdown_table(result["heatmap_latency"], HEAT_COLUMNS) + "\n")
@@ -418,6 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         help="cProfile each model's execute() into DIR/<model>.prof (read: python -m pstats)",
     )
     parser.add_argument(
+        "--pin-server",
+        action="store_true",
+        help="run tritonserver (and its stubs) on the upper half of this process's CPUs and "
+        "the load generator on the lower half, so that a variant's ratio to plain measures "
+        "the server's cost per request, not the client's share of the same cores",
+    )
+    parser.add_argument(
         "--http-compression",
         action="store_true",
         help="HTTP: accept gzip/deflate responses (aiohttp's default header, the bench's "
@@ -451,14 +465,21 @@ def main(argv: list[str] | None = None) -> int:
         served = build_repository(
             tmp / "repo", keys, size, args.instances, source, profile_dir=args.profile
         )
-        server = start_server(
-            tmp / "repo",
-            ports=Ports(http=free_port(), grpc=free_port(), metrics=free_port()),
-            log_path=tmp / "tritonserver.log",
-            extra_args=args.server_arg,
-            timeout_s=300,
-            exit_timeout_s=5,
-        )
+        cores = split_cores() if args.pin_server else None
+        if cores is not None:  # tritonserver and its stubs inherit this at start
+            os.sched_setaffinity(0, cores[0])
+        try:
+            server = start_server(
+                tmp / "repo",
+                ports=Ports(http=free_port(), grpc=free_port(), metrics=free_port()),
+                log_path=tmp / "tritonserver.log",
+                extra_args=args.server_arg,
+                timeout_s=300,
+                exit_timeout_s=5,
+            )
+        finally:
+            if cores is not None:  # the load generator's threads start from here on
+                os.sched_setaffinity(0, cores[1])
         try:
             result = _run(server, served, plan)
         finally:
@@ -475,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         image_size=size,
         instances=args.instances,
         server_args=args.server_arg,
+        pinned=None if cores is None else {"server": sorted(cores[0]), "client": sorted(cores[1])},
         source=str(args.source) if args.source else "installed gradtrust",
         load_average_after=common.load_average(),
     )
@@ -486,6 +508,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%d requests failed; see first_error in %s", errors, path)
         return 1
     return 0
+
+
+def split_cores() -> tuple[set[int], set[int]]:
+    """(server's CPUs, load generator's CPUs): the upper and lower half of this process's."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin-server needs at least 2 CPUs, this process may use 1")
+    half = len(cpus) // 2
+    return set(cpus[half:]), set(cpus[:half])
 
 
 def _run(server: TritonServer, served: list[Served], plan: Plan) -> dict[str, Any]:
