@@ -20,6 +20,9 @@ dynamic batching and instances, but it returns ``LOGITS`` only. Request variants
 Every request carries one image in the concurrency sweep (the dynamic batcher forms the
 batches); the heatmap-latency part sends batches of 1 and 32 one at a time. The server's
 resident memory is sampled throughout and under a final stretch of sustained load.
+With ``--pin-server`` tritonserver and its stubs run on one half of the CPUs and the load
+generator on the other, so that on a small machine the client's work does not take the
+server's cores and a variant's ratio to plain is the ratio of the server's costs.
 
 ``python -m bench.serving [--quick]``; see ``--help``.
 """
@@ -467,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         cores = split_cores() if args.pin_server else None
         if cores is not None:  # tritonserver and its stubs inherit this at start
-            os.sched_setaffinity(0, cores[0])
+            pin_threads(cores[0])
         try:
             server = start_server(
                 tmp / "repo",
@@ -478,8 +481,17 @@ def main(argv: list[str] | None = None) -> int:
                 exit_timeout_s=5,
             )
         finally:
-            if cores is not None:  # the load generator's threads start from here on
-                os.sched_setaffinity(0, cores[1])
+            if cores is not None:  # the load generator, and every thread started later
+                pin_threads(cores[1])
+        # As they are, read back: what the results record is what the processes got.
+        pinned = (
+            None
+            if cores is None
+            else {
+                "server": sorted(os.sched_getaffinity(server.process.pid)),
+                "client": sorted(os.sched_getaffinity(0)),
+            }
+        )
         try:
             result = _run(server, served, plan)
         finally:
@@ -496,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         image_size=size,
         instances=args.instances,
         server_args=args.server_arg,
-        pinned=None if cores is None else {"server": sorted(cores[0]), "client": sorted(cores[1])},
+        pinned=pinned,
         source=str(args.source) if args.source else "installed gradtrust",
         load_average_after=common.load_average(),
     )
@@ -517,6 +529,16 @@ def split_cores() -> tuple[set[int], set[int]]:
         raise SystemExit("--pin-server needs at least 2 CPUs, this process may use 1")
     half = len(cpus) // 2
     return set(cpus[half:]), set(cpus[:half])
+
+
+def pin_threads(cpus: set[int]) -> None:
+    """Pin every thread of this process to ``cpus`` (an affinity is per thread on Linux;
+    threads started later, and child processes, inherit the starting thread's)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
 
 
 def _run(server: TritonServer, served: list[Served], plan: Plan) -> dict[str, Any]:

@@ -68,8 +68,11 @@ def test_bench_inprocess_times_every_model_and_batch_when_run_quick(tmp_path: Pa
 
 
 def test_bench_serving_answers_every_cell_without_errors_when_run_quick(tmp_path: Path) -> None:
-    _run_quick("bench.serving", tmp_path, "--profile", str(tmp_path / "profiles"))
+    _run_quick("bench.serving", tmp_path, "--profile", str(tmp_path / "profiles"), "--pin-server")
     data = _load(tmp_path, "serving_quick")
+    # --pin-server: tritonserver and the load generator on disjoint CPUs, as read back.
+    server_cpus, client_cpus = set(data["pinned"]["server"]), set(data["pinned"]["client"])
+    assert server_cpus and client_cpus and not server_cpus & client_cpus
     cells = data["cells"]
     variants = {"plain", "class_id", "gradtrust", "scores", "heatmap", "contrast", "voice"}
     variants.add("voice_act")
