@@ -438,8 +438,8 @@ class TrustService:
         (the dynamic batcher's one-image requests would otherwise share nothing). Maps are
         per sample, so a request gets the same maps as alone (VOICE's float32 product up
         to rounding, see the heatmaps module's docstring). A group that fails (say, one
-        image's activation is not finite) is explained again one request at a time, so
-        only the request at fault gets the error.
+        image's activation overflows VOICE's float32 product) is explained again one
+        request at a time, so only the request at fault gets the error.
         """
         groups: dict[tuple[str, tuple[int, int] | None], list[int]] = {}
         for n, request in enumerate(chosen):
