@@ -487,6 +487,7 @@ class TrustService:
         """One :func:`heatmaps.explain` call over the samples of ``members`` (positions in
         ``chosen``), split back into each request's (maps, stats), float32."""
         spans = [(bounds[n], bounds[n + 1]) for n in members]
+        starts = _starts(spans)  # where each request's rows begin in the group's outputs
         if all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False)):
             rows: slice | np.ndarray = slice(spans[0][0], spans[-1][1])  # no copy
         else:
@@ -498,7 +499,7 @@ class TrustService:
                 contrast_class = named[0]
             else:  # the default Q where a request named none, its class where it did
                 contrast_class = heatmaps.contrast_targets(logits[rows])
-                for (lo, hi), q, first in zip(spans, named, _starts(spans), strict=True):
+                for (lo, hi), q, first in zip(spans, named, starts, strict=True):
                     if q is not None:
                         contrast_class[first : first + hi - lo] = q
         maps, stats = heatmaps.explain(
@@ -512,7 +513,7 @@ class TrustService:
         maps32 = maps.astype(np.float32)
         stats32 = None if stats is None else stats.astype(np.float32)
         out: dict[int, _Explanation] = {}
-        for n, (lo, hi), first in zip(members, spans, _starts(spans), strict=True):
+        for n, (lo, hi), first in zip(members, spans, starts, strict=True):
             part = slice(first, first + hi - lo)
             out[n] = (maps32[part], None if stats32 is None else stats32[part])
         return out
