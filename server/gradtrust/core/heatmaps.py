@@ -594,8 +594,13 @@ def contrast(
     the evidence that makes Q a worse answer than the prediction.
     """
     a, h, q = _checked(activation, head, targets, "targets")
-    n = a.shape[0]
-    p = _as_probs(probs, n, h.num_classes)
+    return _contrast(a, h, _as_probs(probs, a.shape[0], h.num_classes), q, size)
+
+
+def _contrast(
+    a: NDArray[np.floating], h: Head, p: Floats, q: Ints, size: tuple[int, int] | None
+) -> Floats:
+    """:func:`contrast` of checked arguments."""
     alpha = (p @ h.weight - h.weight[q]) / (a.shape[2] * a.shape[3])
     return finish_maps(weighted_sum(a, alpha), size)
 
@@ -615,8 +620,14 @@ def voice(
     IoU is the GradCAM map of ``predicted``.
     """
     a, h, pred = _checked(activation, head, predicted, "predicted")
+    return _voice(a, h, _as_probs(probs, a.shape[0], h.num_classes), pred, size)
+
+
+def _voice(
+    a: NDArray[np.floating], h: Head, p: Floats, pred: Ints, size: tuple[int, int] | None
+) -> tuple[Floats, Floats]:
+    """:func:`voice` of checked arguments."""
     n, k, height, width = a.shape
-    p = _as_probs(probs, n, h.num_classes)
     # S_c = W_c A / (h w) = (W_c f + W_c (A - f)) / (h w), f the channel means: the
     # per-class constant W f in float64, the spatial part in the activation's precision
     # (module docstring, "Precision") as one (N h w, K) x (K, C) product, so the head is
@@ -682,10 +693,12 @@ def explain(
         )
     target = _map_size(size, a)
     pred = predicted_class(z)
+    # Everything is checked above (and P, p = softmax(z) and the contrast targets are
+    # valid by construction): the maps are computed without checking the activation again.
     if method == "gradcam":
-        return gradcam(a, h, pred, target), None
+        return finish_maps(_gradcam_raw(a, h, pred), target), None
     if method == "counterfactual":
-        return counterfactual(a, h, pred, target), None
+        return finish_maps(-_gradcam_raw(a, h, pred), target), None
     if method == "contrast":
-        return contrast(a, h, softmax(z), contrast_targets(z, contrast_class), target), None
-    return voice(a, h, softmax(z), pred, target)
+        return _contrast(a, h, softmax(z), contrast_targets(z, contrast_class), target), None
+    return _voice(a, h, softmax(z), pred, target)
