@@ -158,3 +158,24 @@ def parse_ints(text: str) -> list[int]:
 
 def parse_names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def split_cores() -> tuple[set[int], set[int]]:
+    """(server's CPUs, load generator's CPUs): the upper and lower half of this process's."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit(
+            "pinning the server apart from its client needs at least 2 CPUs; this process may use 1"
+        )
+    half = len(cpus) // 2
+    return set(cpus[half:]), set(cpus[:half])
+
+
+def pin_threads(cpus: set[int]) -> None:
+    """Pin every thread of this process to ``cpus`` (an affinity is per thread on Linux;
+    threads started later, and child processes, inherit the starting thread's)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue

@@ -468,9 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         served = build_repository(
             tmp / "repo", keys, size, args.instances, source, profile_dir=args.profile
         )
-        cores = split_cores() if args.pin_server else None
+        cores = common.split_cores() if args.pin_server else None
         if cores is not None:  # tritonserver and its stubs inherit this at start
-            pin_threads(cores[0])
+            common.pin_threads(cores[0])
         try:
             server = start_server(
                 tmp / "repo",
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         finally:
             if cores is not None:  # the load generator, and every thread started later
-                pin_threads(cores[1])
+                common.pin_threads(cores[1])
         # As they are, read back: what the results record is what the processes got.
         pinned = (
             None
@@ -520,25 +520,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%d requests failed; see first_error in %s", errors, path)
         return 1
     return 0
-
-
-def split_cores() -> tuple[set[int], set[int]]:
-    """(server's CPUs, load generator's CPUs): the upper and lower half of this process's."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        raise SystemExit("--pin-server needs at least 2 CPUs, this process may use 1")
-    half = len(cpus) // 2
-    return set(cpus[half:]), set(cpus[:half])
-
-
-def pin_threads(cpus: set[int]) -> None:
-    """Pin every thread of this process to ``cpus`` (an affinity is per thread on Linux;
-    threads started later, and child processes, inherit the starting thread's)."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except ProcessLookupError:  # a thread that ended meanwhile
-            continue
 
 
 def _run(server: TritonServer, served: list[Served], plan: Plan) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from bench import _common as common
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -99,9 +100,18 @@ def test_bench_serving_answers_every_cell_without_errors_when_run_quick(tmp_path
         assert any(func[2] == "execute" for func in stats.stats), model
 
 
-def test_bench_service_cost_reports_both_c1000_models_when_run_briefly() -> None:
+def test_bench_service_cost_reports_both_c1000_models_and_the_probe_when_run_pinned() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.service_cost", "--seconds", "0.5"],
+        [
+            sys.executable,
+            "-m",
+            "bench.service_cost",
+            "--seconds",
+            "0.5",
+            "--pin",
+            "--sweep-mib",
+            "4",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -109,5 +119,12 @@ def test_bench_service_cost_reports_both_c1000_models_when_run_briefly() -> None
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "%" in line]
+    lines = proc.stdout.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and "%" in line]
     assert [row.split("|")[1].strip() for row in rows] == ["resnet18", "mobilenet"]
+    # Pinned to the CPUs tritonserver gets under bench.serving --pin-server.
+    assert f"CPUs {sorted(common.split_cores()[0])}" in lines[0]
+    probe = [line.split("|") for line in lines if line.startswith("| `")]
+    assert len(probe) == 5
+    for cells in probe:  # call, after forward, after copying, again: three positive times
+        assert all(float(cell) > 0 for cell in cells[2:5]), cells
