@@ -267,7 +267,7 @@ class TrustService:
         kinds = {r.outputs for n, r in enumerate(chosen) if n not in failed}
         picks = self._columns(kinds, trust, conf, pred, prob)
         second = self._introspect(introspect, sizes, failed, logits, features, pred, result)
-        explained, heatmap_seconds = self._explain(chosen, sizes, failed, net, logits)
+        explained, heatmap_seconds = self._explain(chosen, bounds, failed, net, logits)
         answered = [False] * len(chosen)
         for n, request in enumerate(chosen):
             i = accepted[n]
@@ -424,13 +424,14 @@ class TrustService:
     def _explain(
         self,
         chosen: list[ScoringRequest],
-        sizes: list[int],
+        bounds: list[int],
         failed: dict[int, InvalidInputError],
         net: dict[str, np.ndarray],
         logits: np.ndarray,
     ) -> tuple[dict[int, _Explanation | InvalidInputError], float]:
         """HEATMAP (and HEATMAP_STATS) of every request that asked for one, by position,
-        float32 as they are sent, and the seconds spent on them.
+        float32 as they are sent, and the seconds spent on them; request ``n``'s rows are
+        ``bounds[n]:bounds[n + 1]``.
 
         Requests with the same method and map size are explained in one
         :func:`heatmaps.explain` call: contrast's ``p W`` and VOICE's product with every
@@ -454,7 +455,6 @@ class TrustService:
         if not groups:
             return {}, 0.0
         start = time.perf_counter()
-        bounds = list(accumulate(sizes, initial=0))
         explained: dict[int, _Explanation | InvalidInputError] = {}
         for (method, size), members in groups.items():
             if len(members) > 1:
